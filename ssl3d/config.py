@@ -1,0 +1,372 @@
+"""One typed config tree for a pre-training run.
+
+Loaded from JSON plus dotted command-line overrides (``--set train.lr=1e-4``), validated before anything
+heavy starts. Every problem is collected and reported at once, one line each, naming the dotted key, the
+value and what would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config, ds_config or flag; ``problems`` holds one line per mistake."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class DatalistConfig:
+    """One MONAI-style dataset JSON and the folder its relative ``image`` paths are resolved against."""
+
+    json: str = ""
+    root: str | None = None  # default: the folder holding the JSON file
+
+
+@dataclass
+class ModelConfig:
+    feature_size: int = 48
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 2
+    in_channels: int = 1
+    drop_path_rate: float = 0.0
+    decoder: Literal["vae", "deconv", "large_kernel_deconv"] = "vae"
+    # Reproduce MONAI < 1.5 patch-merging order, which the released model_swinvit.pt was trained with.
+    legacy_patch_merging: bool = False
+    # MONAI's own per-block checkpoint flag (the seed's --use_checkpoint).
+    use_checkpoint: bool = False
+    # Initialise from a model_swinvit.pt file or a reference / ssl3d checkpoint.
+    init_weights: str | None = None
+
+
+@dataclass
+class DataConfig:
+    datalists: list[DatalistConfig] = field(default_factory=list)  # empty: the built-in demo data
+    roi: tuple[int, int, int] = (96, 96, 96)
+    num_samples: int = 2  # random crops per volume (the seed's sw_batch_size)
+    a_min: float = -1000.0
+    a_max: float = 1000.0
+    b_min: float = 0.0
+    b_max: float = 1.0
+    spacing: tuple[float, float, float] | None = None  # resample to this spacing (mm); None keeps voxels
+    dataset: Literal["plain", "cache", "smart_cache", "persistent"] = "plain"
+    cache_rate: float = 0.5
+    cache_dir: str | None = None  # persistent dataset folder; default <logdir>/cache
+    num_workers: int = 4
+    demo_dir: str | None = None  # where demo volumes are written; default <logdir>/../demo_data
+    demo_volumes: int = 6
+
+
+@dataclass
+class SSLConfig:
+    rotation_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    reconstruction_weight: float = 1.0
+    temperature: float = 0.5
+    max_drop: float = 0.3  # fraction of voxels covered by cuboids, drawn uniformly in [0, max_drop]
+    min_block: float = 0.05  # cuboid side, fraction of each axis
+    max_block: float = 0.25
+    contrastive_dim: int = 512
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    momentum: float = 0.9
+    schedule: Literal["warmup_cosine", "poly", "constant"] = "warmup_cosine"
+    warmup_steps: int = 500
+    poly_power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2  # volumes per micro-batch per process
+    grad_accum: int = 1
+    num_steps: int = 100_000  # optimizer steps
+    eval_num: int = 100  # validate every eval_num steps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip: float | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    logdir: str = "runs/ssl3d"
+    log_every: int = 1
+    image_every: int = 0  # TensorBoard images every N steps besides validation; 0: at validation only
+    resume: str | None = None  # a checkpoint file/folder, or "auto": the newest in logdir
+    progress: bool = True
+    max_val_batches: int | None = None  # None: the whole validation list
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ds_config: str | None = None  # strategy preset in DeepSpeed's JSON vocabulary; None: one process
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: JSON -> dataclasses, with every type problem collected.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = f"{key}: got {json.dumps(value, default=str)}, expected {_type_name(tp)}"
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub: list[str] = []
+            out = _convert(value, arg, key, sub)
+            if not sub:
+                return out
+        problems.append(bad)
+        return None
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {json.dumps(close[0])}?)" if close else ""
+            problems.append(f"{bad}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            problems.append(bad)
+            return None
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                problems.append(f"{key}: got {json.dumps(value)}, expected a list of {len(args)} numbers")
+                return None
+            return tuple(_convert(v, a, f"{key}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(bad)
+            return []
+        return [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(bad)
+            return tp()
+        return _build(tp, value, key, problems)
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(bad)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(bad)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(bad)
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(bad)
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(f"{dotted}: unknown key; {hint}valid keys: {', '.join(names)}")
+            continue
+        kwargs[key] = _convert(value, hints[key], dotted, problems)
+    try:
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
+    except TypeError as exc:  # pragma: no cover - defensive; types were checked above
+        problems.append(f"{prefix or 'config'}: {exc}")
+        return cls()
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, value); the value is JSON when it parses, else a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key=value, for example --set train.num_steps=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: cannot set a key below a non-object value")
+    node[parts[-1]] = value
+
+
+def read_json(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Read a JSON object, turning a missing file or a syntax error into a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file {p}: not found")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} file {p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {p}: expected a JSON object at the top level")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    check_files: bool = True,
+) -> Config:
+    """Build the config: defaults < JSON file < overrides; raise ConfigError with every problem found."""
+    tree: dict[str, Any] = read_json(path) if path else {}
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    for key, value in (overrides or {}).items():
+        _apply_override(tree, key, value)
+    problems: list[str] = []
+    cfg = _build(Config, tree, "", problems)
+    if not problems:
+        problems += validate(cfg, check_files=check_files)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: Config, check_files: bool = True) -> list[str]:
+    """Value checks that types alone cannot express; returns one line per problem."""
+    p: list[str] = []
+    m, d, s, o, t = cfg.model, cfg.data, cfg.ssl, cfg.optim, cfg.train
+    n_stages = len(m.depths)
+    if n_stages != 4:
+        p.append(f"model.depths: got {list(m.depths)}, expected 4 stages (the Swin UNETR encoder has 4)")
+    if len(m.num_heads) != n_stages:
+        p.append(f"model.num_heads: got {len(m.num_heads)} entries, expected one per stage ({n_stages})")
+    if m.feature_size <= 0 or m.feature_size % 12:
+        p.append(f"model.feature_size: got {m.feature_size}, expected a positive multiple of 12 (e.g. 12, 24, 48)")
+    for i, h in enumerate(m.num_heads):
+        if h <= 0 or (m.feature_size * 2**i) % h:
+            p.append(f"model.num_heads[{i}]: got {h}, expected a divisor of the stage width {m.feature_size * 2**i}")
+    if m.patch_size != 2:
+        p.append(f"model.patch_size: got {m.patch_size}, expected 2 (the decoders upsample by 32 = 2 x 2^4)")
+    if m.window_size < 1:
+        p.append(f"model.window_size: got {m.window_size}, expected a positive integer (reference: 7)")
+    if not 0.0 <= m.drop_path_rate < 1.0:
+        p.append(f"model.drop_path_rate: got {m.drop_path_rate}, expected a value in [0, 1)")
+    if m.init_weights and check_files and not Path(m.init_weights).is_file():
+        p.append(f"model.init_weights: file {m.init_weights} not found")
+    for i, r in enumerate(d.roi):
+        if r <= 0 or r % 32:
+            p.append(
+                f"data.roi[{i}]: got {r}, expected a positive multiple of 32 "
+                "(patch 2 and four 2x mergings), e.g. 64, 96, 128"
+            )
+    if d.roi[0] != d.roi[1]:
+        p.append(
+            f"data.roi: got {list(d.roi)}, expected roi[0] == roi[1] "
+            "(rotation by 90 degrees in that plane must keep the crop's shape)"
+        )
+    if d.num_samples < 1:
+        p.append(f"data.num_samples: got {d.num_samples}, expected at least 1")
+    if d.a_max <= d.a_min:
+        p.append(f"data.a_max: got {d.a_max}, expected a value above data.a_min ({d.a_min})")
+    if d.spacing is not None and any(v <= 0 for v in d.spacing):
+        p.append(f"data.spacing: got {list(d.spacing)}, expected three positive spacings in mm")
+    if not 0.0 < d.cache_rate <= 1.0:
+        p.append(f"data.cache_rate: got {d.cache_rate}, expected a value in (0, 1]")
+    if d.num_workers < 0:
+        p.append(f"data.num_workers: got {d.num_workers}, expected 0 or more")
+    if d.demo_volumes < 2:
+        p.append(f"data.demo_volumes: got {d.demo_volumes}, expected at least 2 (one for validation)")
+    for i, dl in enumerate(d.datalists):
+        if not dl.json:
+            p.append(f"data.datalists[{i}].json: missing; expected the path of a dataset JSON file")
+        elif check_files and not Path(dl.json).is_file():
+            p.append(f"data.datalists[{i}].json: file {dl.json} not found")
+        if dl.root and check_files and not Path(dl.root).is_dir():
+            p.append(f"data.datalists[{i}].root: folder {dl.root} not found")
+    for name in ("rotation_weight", "contrastive_weight", "reconstruction_weight"):
+        if getattr(s, name) < 0:
+            p.append(f"ssl.{name}: got {getattr(s, name)}, expected 0 or more")
+    if s.temperature <= 0:
+        p.append(f"ssl.temperature: got {s.temperature}, expected a positive number (reference: 0.5)")
+    if not 0.0 <= s.max_drop <= 1.0:
+        p.append(f"ssl.max_drop: got {s.max_drop}, expected a fraction in [0, 1]")
+    if not 0.0 < s.min_block <= s.max_block <= 1.0:
+        p.append(f"ssl.min_block/max_block: got {s.min_block}/{s.max_block}, expected 0 < min_block <= max_block <= 1")
+    if o.lr <= 0:
+        p.append(f"optim.lr: got {o.lr}, expected a positive learning rate")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay: got {o.weight_decay}, expected 0 or more")
+    if o.warmup_steps < 0:
+        p.append(f"optim.warmup_steps: got {o.warmup_steps}, expected 0 or more")
+    if t.batch_size < 1:
+        p.append(f"train.batch_size: got {t.batch_size}, expected at least 1")
+    if t.grad_accum < 1:
+        p.append(f"train.grad_accum: got {t.grad_accum}, expected at least 1")
+    if t.num_steps < 1:
+        p.append(f"train.num_steps: got {t.num_steps}, expected at least 1")
+    if t.eval_num < 1:
+        p.append(f"train.eval_num: got {t.eval_num}, expected at least 1")
+    if t.log_every < 1:
+        p.append(f"train.log_every: got {t.log_every}, expected at least 1")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        p.append(f"train.grad_clip: got {t.grad_clip}, expected a positive norm or null")
+    if t.resume and t.resume != "auto" and check_files and not Path(t.resume).exists():
+        p.append(f'train.resume: {t.resume} not found; expected a checkpoint file or folder, or "auto"')
+    if cfg.ds_config and check_files and not Path(cfg.ds_config).is_file():
+        p.append(f"ds_config: file {cfg.ds_config} not found")
+    return p
