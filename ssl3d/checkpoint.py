@@ -1,0 +1,201 @@
+"""Checkpoints: atomic step folders that resume exactly, a ``best`` folder, and the ``model_swinvit.pt`` format.
+
+A step folder is written under a temporary name, flushed to disk, marked complete and only then renamed, so a
+run killed at any moment never leaves a half-written folder that ``--resume auto`` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl3d.config import ConfigError
+from ssl3d.strategies.base import Strategy, clean_name
+
+COMPLETE = "COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, rename: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE).is_file()
+
+
+class CheckpointManager:
+    """Step folders ``step_XXXXXXXX`` (the newest ``keep`` kept) and ``best`` under one root."""
+
+    def __init__(self, root: Path, strategy: Strategy, keep: int = 2):
+        self.root = Path(root)
+        self.strategy = strategy
+        self.keep = keep
+
+    def _write(self, final: Path, extra: dict[str, Any]) -> None:
+        s = self.strategy
+        tmp = final.with_name(f".tmp_{final.name}")
+        if s.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        s.barrier()
+        s.save(tmp, extra)
+        s.barrier()
+        if s.is_main:
+            (tmp / COMPLETE).write_text(json.dumps({"step": extra.get("step"), "strategy": s.name}))
+            _fsync_tree(tmp)
+            old = final.with_name(f".old_{final.name}")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        s.barrier()
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
+        final = self.root / f"step_{step:08d}"
+        self._write(final, extra)
+        if self.strategy.is_main:
+            for old in self.step_dirs()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def save_best(self, extra: dict[str, Any]) -> Path:
+        final = self.root / "best"
+        self._write(final, extra)
+        return final
+
+    def step_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
+        return sorted(dirs, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        dirs = self.step_dirs()
+        return dirs[-1] if dirs else None
+
+
+def resolve_resume(resume: str | None, root: Path) -> Path | None:
+    """``auto``: the newest complete step folder under ``root`` (None on a fresh run); else the given path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return CheckpointManager(root, strategy=None).latest()  # type: ignore[arg-type]
+    path = Path(resume)
+    if path.is_dir() and not is_complete(path):
+        # A run root rather than a step folder: take its newest complete checkpoint.
+        found = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path, None).latest()  # type: ignore[arg-type]
+        if found is None:
+            raise ConfigError(f"train.resume: {path} holds no complete checkpoint (no {COMPLETE} marker)")
+        return found
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model_swinvit.pt format (what MONAI's SwinUNETR.load_from reads) and other weight files.
+
+_MLP_TO_OLD = {".mlp.linear1.": ".mlp.fc1.", ".mlp.linear2.": ".mlp.fc2."}
+
+
+def to_swinvit_format(model_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """SSL-model state (``swinViT.*``) -> ``{"state_dict": {"module.<encoder name with fc1/fc2>": tensor}}``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model_state.items():
+        name = clean_name(name)
+        if not name.startswith("swinViT."):
+            continue
+        key = "module." + name[len("swinViT.") :]
+        for new, old in _MLP_TO_OLD.items():
+            key = key.replace(new, old)
+        out[key] = tensor.detach().float().cpu().clone()
+    if not out:
+        raise ValueError("no encoder tensors (swinViT.*) found in the model state")
+    return {"state_dict": out}
+
+
+def export_swinvit(model_state: dict[str, torch.Tensor], path: Path) -> Path:
+    atomic_torch_save(to_swinvit_format(model_state), Path(path))
+    return Path(path)
+
+
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Any weight file ssl3d knows -> plain SSL-model names (``swinViT.*``, heads, ``conv.*``).
+
+    Reads ``model_swinvit.pt`` (encoder only, ``module.`` prefix, fc1/fc2 names), the reference's checkpoints
+    (``{"state_dict": ...}``, possibly with DDP's ``module.``), ssl3d's step folders and consolidated files.
+    Loaded with ``weights_only=True``: a file that needs full unpickling is refused unless ``allow_pickle``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "state.pt"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for untrusted pickles
+        if not allow_pickle and "weights_only" in str(exc):
+            raise ConfigError(
+                f"{path}: this file needs full unpickling, which can run arbitrary code; "
+                "pass --allow-pickle only if you trust its source"
+            ) from None
+        raise
+    if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
+        state = blob["model"]
+    elif isinstance(blob, dict) and "state_dict" in blob:
+        state = blob["state_dict"]
+    elif isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        state = blob
+    else:
+        raise ConfigError(f"{path}: not a weight file ssl3d knows (expected 'state_dict' or 'model' inside)")
+    out: dict[str, torch.Tensor] = {}
+    # model_swinvit.pt holds the encoder's names at the top level (no ``swinViT.`` level).
+    encoder_top = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")
+    for name, tensor in state.items():
+        key = clean_name(name)
+        for new, old in _MLP_TO_OLD.items():
+            key = key.replace(old, new)
+        key = key.replace("swin_vit.", "swinViT.")
+        if key.startswith(encoder_top):
+            key = "swinViT." + key
+        out[key] = tensor
+    return out
+
+
+def load_init_weights(model: torch.nn.Module, path: Path, allow_pickle: bool = False) -> list[str]:
+    """Initialise ``model`` (an SSLModel) from a weight file; returns the names of parameters left as they were."""
+    src = read_weights(path, allow_pickle)
+    own = model.state_dict()
+    usable = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    mismatched = [k for k, v in src.items() if k in own and own[k].shape != v.shape]
+    if not any(k.startswith("swinViT.") for k in usable):
+        raise ConfigError(f"{path}: no encoder tensor matches this model (check model.feature_size and depths)")
+    if mismatched:
+        warnings.warn(f"{path}: {len(mismatched)} tensors have other shapes and were skipped, e.g. {mismatched[0]}")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))

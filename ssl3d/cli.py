@@ -1,0 +1,294 @@
+"""Command line: ``ssl3d pretrain | export | data``.
+
+User mistakes (bad config, missing file) print one line per problem and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ssl3d.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2
+
+# `ssl3d pretrain` with no config: a run that finishes in minutes on a CPU, the reference size on a GPU.
+DEMO_CPU = {
+    "model.feature_size": 12,
+    "model.depths": [1, 1, 1, 1],
+    "data.roi": [64, 64, 64],
+    "data.num_samples": 2,
+    "data.num_workers": 2,
+    "train.batch_size": 1,
+    "train.num_steps": 60,
+    "train.eval_num": 20,
+    "optim.lr": 1e-3,
+    "optim.warmup_steps": 5,
+    "train.logdir": "runs/demo",
+}
+DEMO_GPU = {
+    "data.roi": [96, 96, 96],
+    "train.batch_size": 2,
+    "train.num_steps": 300,
+    "train.eval_num": 100,
+    "optim.warmup_steps": 50,
+    "train.logdir": "runs/demo",
+}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config JSON (see README); default: the built-in demo run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.num_steps=100 (repeatable)",
+    )
+    p.add_argument(
+        "--ds_config",
+        "--ds-config",
+        "--deepspeed_config",
+        dest="ds_config",
+        help="strategy preset in DeepSpeed's JSON vocabulary (ds_configs/*.json)",
+    )
+    p.add_argument(
+        "--datalist",
+        action="append",
+        default=[],
+        metavar="JSON[:ROOT]",
+        help="a MONAI-style dataset JSON, optionally with its data root (repeatable)",
+    )
+    p.add_argument("--resume", help='checkpoint folder, run folder, or "auto" (newest in the log folder)')
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_seed_flags(p: argparse.ArgumentParser) -> None:
+    """The reference's main.py flags, mapped onto the config so its command lines keep working."""
+    g = p.add_argument_group("reference (seed) flags")
+    g.add_argument("--logdir", help="log folder; like the seed, a bare name goes under runs/")
+    for flag, typ in [
+        ("--batch_size", int),
+        ("--sw_batch_size", int),
+        ("--num_steps", int),
+        ("--eval_num", int),
+        ("--warmup_steps", int),
+        ("--feature_size", int),
+        ("--in_channels", int),
+        ("--roi_x", int),
+        ("--roi_y", int),
+        ("--roi_z", int),
+        ("--num_workers", int),
+        ("--lr", float),
+        ("--decay", float),
+        ("--momentum", float),
+        ("--dropout_path_rate", float),
+        ("--max_grad_norm", float),
+        ("--a_min", float),
+        ("--a_max", float),
+        ("--b_min", float),
+        ("--b_max", float),
+        ("--space_x", float),
+        ("--space_y", float),
+        ("--space_z", float),
+        ("--seed", int),
+    ]:
+        g.add_argument(flag, type=typ)
+    g.add_argument("--opt", choices=["adamw", "adam", "sgd"])
+    g.add_argument("--lr_schedule", choices=["warmup_cosine", "poly"])
+    for flag in [
+        "--lrdecay",
+        "--use_checkpoint",
+        "--noamp",
+        "--grad_clip",
+        "--cache_dataset",
+        "--smartcache_dataset",
+        "--distributed",
+    ]:
+        g.add_argument(flag, action="store_true")
+    g.add_argument("--spatial_dims", type=int, default=3)
+    g.add_argument("--dist-url", "--dist_url", dest="dist_url", help=argparse.SUPPRESS)
+    g.add_argument("--world_size", type=int, help=argparse.SUPPRESS)
+    g.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+
+
+def seed_overrides(a: argparse.Namespace, has_config: bool) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    simple = {
+        "batch_size": "train.batch_size",
+        "sw_batch_size": "data.num_samples",
+        "num_steps": "train.num_steps",
+        "eval_num": "train.eval_num",
+        "warmup_steps": "optim.warmup_steps",
+        "feature_size": "model.feature_size",
+        "in_channels": "model.in_channels",
+        "num_workers": "data.num_workers",
+        "lr": "optim.lr",
+        "decay": "optim.weight_decay",
+        "momentum": "optim.momentum",
+        "dropout_path_rate": "model.drop_path_rate",
+        "a_min": "data.a_min",
+        "a_max": "data.a_max",
+        "b_min": "data.b_min",
+        "b_max": "data.b_max",
+        "opt": "optim.name",
+        "seed": "train.seed",
+    }
+    for flag, key in simple.items():
+        if getattr(a, flag, None) is not None:
+            o[key] = getattr(a, flag)
+    if a.spatial_dims != 3:
+        raise ConfigError(f"--spatial_dims: got {a.spatial_dims}, expected 3 (ssl3d pre-trains 3D volumes)")
+    rois = [a.roi_x, a.roi_y, a.roi_z]
+    if any(r is not None for r in rois):
+        o["data.roi"] = [r if r is not None else 96 for r in rois]
+    spaces = [a.space_x, a.space_y, a.space_z]
+    if any(v is not None for v in spaces):
+        o["data.spacing"] = [v if v is not None else d for v, d in zip(spaces, (1.5, 1.5, 2.0))]
+    if a.logdir:
+        o["train.logdir"] = a.logdir if ("/" in a.logdir or a.logdir.startswith(".")) else f"runs/{a.logdir}"
+    if a.lrdecay:
+        o["optim.schedule"] = a.lr_schedule or "warmup_cosine"
+    elif not has_config:
+        o["optim.schedule"] = "constant"  # the seed: without --lrdecay the learning rate never changes
+    if a.use_checkpoint:
+        o["model.use_checkpoint"] = True
+    if a.noamp:
+        o["train.precision"] = "fp32"
+    if a.grad_clip:
+        o["train.grad_clip"] = a.max_grad_norm or 1.0
+    if a.cache_dataset:
+        o["data.dataset"] = "cache"
+    if a.smartcache_dataset:
+        o["data.dataset"] = "smart_cache"
+    return o
+
+
+def build_config(a: argparse.Namespace, seed_flags: bool = False) -> Config:
+    overrides: dict[str, Any] = {}
+    if not a.config:
+        overrides.update(DEMO_GPU if _cuda_available() else DEMO_CPU)
+    if seed_flags:
+        overrides.update(seed_overrides(a, has_config=bool(a.config)))
+    if a.datalist:
+        lists = []
+        for item in a.datalist:
+            json_path, _, root = item.partition(":")
+            lists.append({"json": json_path, "root": root or None})
+        overrides["data.datalists"] = lists
+    if a.ds_config:
+        overrides["ds_config"] = a.ds_config
+    if a.resume:
+        overrides["train.resume"] = a.resume
+    from ssl3d.config import parse_override
+
+    overrides.update(dict(parse_override(o) for o in a.overrides))
+    return load_config(a.config, overrides)
+
+
+def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
+    cfg = build_config(a, seed_flags)
+    from ssl3d.strategies import build_strategy
+    from ssl3d.trainer import Trainer
+
+    strategy = build_strategy(cfg)
+    try:
+        trainer = Trainer(cfg, strategy)
+        summary = trainer.fit()
+        if strategy.is_main and summary:
+            first, last = summary["first"], summary["last"]
+            print(
+                f"ssl3d: done: {summary['steps']} steps, loss {first['total']:.4f} -> {last['total']:.4f}; "
+                f"logs and checkpoints in {cfg.train.logdir}; encoder for fine-tuning: {summary['export']}"
+            )
+    finally:
+        strategy.teardown()
+    return 0
+
+
+def run_export(a: argparse.Namespace) -> int:
+    from ssl3d.checkpoint import export_swinvit, read_weights, resolve_resume
+
+    src = resolve_resume(a.checkpoint, Path(a.checkpoint))
+    state = read_weights(src, allow_pickle=a.allow_pickle)
+    out = export_swinvit(state, Path(a.output))
+    print(f"ssl3d: wrote {out} ({sum(1 for k in state if k.startswith('swinViT.'))} encoder tensors)")
+    return 0
+
+
+def run_data(a: argparse.Namespace) -> int:
+    if a.data_cmd == "samples":
+        from ssl3d.data.samples import fetch_samples
+
+        path = fetch_samples(Path(a.dir))
+        print(f"ssl3d: smoke-test CT samples and their datalist: {path}")
+    elif a.data_cmd == "demo":
+        from ssl3d.data.demo import write_demo_dataset
+
+        path = write_demo_dataset(Path(a.dir), n_volumes=a.volumes)
+        print(f"ssl3d: synthetic demo volumes and their datalist: {path}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssl3d", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (the demo data when no datalist is given)")
+    add_run_flags(p)
+    e = sub.add_parser("export", help="write the encoder as model_swinvit.pt for MONAI's SwinUNETR.load_from")
+    e.add_argument("checkpoint", help="a checkpoint folder or run folder (newest checkpoint), or a weight file")
+    e.add_argument("output", help="output path, e.g. model_swinvit.pt")
+    e.add_argument("--allow-pickle", action="store_true", help="allow full unpickling (only for trusted files)")
+    d = sub.add_parser("data", help="data helpers")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    s = dsub.add_parser("samples", help="fetch real public CT smoke-test samples from PyPI sdists, as NIfTI")
+    s.add_argument("dir")
+    m = dsub.add_parser("demo", help="write the built-in synthetic CT volumes and their datalist")
+    m.add_argument("dir")
+    m.add_argument("--volumes", type=int, default=6)
+    return parser
+
+
+def guarded(fn, *args: Any) -> int:
+    """Run a command; user mistakes become one line per problem and exit code 2."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"ssl3d: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"ssl3d: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ssl3d: interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = make_parser().parse_args(argv)
+    handlers = {"pretrain": run_pretrain, "export": run_export, "data": run_data}
+    return guarded(handlers[a.command], a)
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> int:
+    """``launch/pretrain.py``: ``ssl3d pretrain`` plus the reference's flags (for deepspeed/torchrun/python)."""
+    parser = argparse.ArgumentParser(prog="launch/pretrain.py", description="ssl3d pre-training entry point")
+    add_run_flags(parser)
+    add_seed_flags(parser)
+    return guarded(run_pretrain, parser.parse_args(argv), True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The Strategy interface: how one training loop runs on one process, several, or sharded.
+
+The trainer talks only to this interface and never asks which backend it has. Each backend lives in its
+own small module. ``setup`` applies things in one fixed order: activation checkpointing -> compile ->
+wrap/shard -> optimizer on the wrapped parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """Drop wrapper prefixes that DDP, torch.compile and checkpoint wrappers insert into parameter names."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError('train.device: got "cuda" but no CUDA device is available; use "auto" or "cpu"')
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, fp32 on the CPU (CPU autocast is slower than fp32 here)."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Strategy(ABC):
+    """One backend. Subclasses keep their engine/wrapper state; the trainer holds only the returned model."""
+
+    name: str = "base"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, grad_accum: int = 1):
+        self.device = device
+        self.dtype = dtype  # compute dtype for autocast
+        self.grad_accum = grad_accum
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- building ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Move/wrap/shard the model and build its optimizer."""
+
+    # -- one optimizer step --------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        """Context for one micro-batch; ``sync`` is False on all but the last micro-batch of a step."""
+        yield
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+        """Backward of an unscaled micro-batch loss; the strategy divides by the accumulation steps."""
+
+    @abstractmethod
+    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+        """Clip (when asked), step, zero the gradients; returns the global gradient norm before clipping.
+
+        A non-finite norm skips the update (no weight or optimizer-state change)."""
+
+    def set_lr(self, lr: float) -> None:
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- state ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        """Write model + optimizer (+ scaler) state into ``directory`` (collective: every rank calls it)."""
+
+    @abstractmethod
+    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+        """Restore what ``save`` wrote; returns ``extra``."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model in fp32 on the CPU with plain names (collective; meaningful on rank 0)."""
+
+    def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load plain-named full weights into the (possibly wrapped) model, e.g. from a consolidated file."""
+        raise NotImplementedError
+
+    # -- collectives (no-ops on one process) ---------------------------------------------------------------
+    def barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def memory_report(self) -> dict[str, float]:
+        """Peak memory figures in GiB for the logs."""
+        out: dict[str, float] = {}
+        if self.device.type == "cuda":
+            out["cuda_allocated_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out["cuda_reserved_peak_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        try:
+            import resource
+
+            out["host_rss_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        except ImportError:  # pragma: no cover - not on Linux
+            pass
+        return out
+
+    def teardown(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,85 @@
+"""One process on one device (GPU or CPU): the reference's single-GPU mode, and the base for DDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name
+
+
+def load_extra(directory: Path, rank: int) -> dict[str, Any]:
+    """This rank's loop state; another rank's when the world size changed (its RNG streams then differ)."""
+    path = directory / f"extra_rank{rank}.pt"
+    if not path.exists():
+        path = directory / "extra_rank0.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_extra(directory: Path, rank: int, extra: dict[str, Any]) -> None:
+    torch.save(extra, directory / f"extra_rank{rank}.pt")
+
+
+class SingleStrategy(Strategy):
+    name = "single"
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        # Order: activation checkpointing (applied by the caller before setup) -> wrap -> optimizer.
+        self.module = model.to(self.device)
+        self.model = self.wrap(self.module)
+        self.optimizer = make_optimizer(self.model.parameters())
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        return self.model, self.optimizer
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+        self.scaler.scale(loss / self.grad_accum).backward()
+
+    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+        assert self.optimizer is not None
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        finite = bool(torch.isfinite(norm))
+        if finite and max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, max_grad_norm, norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        if self.is_main:
+            state = {
+                "model": self.full_state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "world_size": self.world_size,
+            }
+            torch.save(state, directory / "state.pt")
+        save_extra(directory, self.rank, extra)
+
+    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        self.load_model_weights(state["model"])
+        if load_optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        return load_extra(directory, self.rank)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {clean_name(k): v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict({clean_name(k): v for k, v in state.items()})

@@ -1,0 +1,265 @@
+"""The training loop. It talks only to a ``Strategy`` and never asks which backend runs it.
+
+One optimizer step = ``grad_accum`` micro-batches; each micro-batch is ``batch_size`` volumes x ``num_samples``
+crops, turned into two rotated and corrupted views that go through ONE batched forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ssl3d.checkpoint import CheckpointManager, export_swinvit, load_init_weights, resolve_resume
+from ssl3d.config import Config, DatalistConfig
+from ssl3d.data import build_loaders, write_demo_dataset
+from ssl3d.logger import RunLogger
+from ssl3d.model import build_model
+from ssl3d.optim import build_optimizer, lr_at
+from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
+from ssl3d.strategies import Strategy
+
+LOSS_KEYS = ("total", "rotation", "contrastive", "reconstruction")
+
+
+@dataclass
+class LoopState:
+    """Everything besides model/optimizer that an exact resume needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already consumed
+    best_val: float = math.inf
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # first/last losses for the summary
+
+
+def prepare_demo_data(cfg: Config, strategy: Strategy) -> None:
+    """No datalist configured: write the built-in synthetic CT volumes once (rank 0) and train on them."""
+    if cfg.data.datalists:
+        return
+    demo_dir = Path(cfg.data.demo_dir or Path(cfg.train.logdir).parent / "demo_data")
+    if strategy.is_main:
+        write_demo_dataset(demo_dir, n_volumes=cfg.data.demo_volumes, seed=cfg.train.seed)
+    strategy.barrier()
+    cfg.data.datalists = [DatalistConfig(json=str(demo_dir / "dataset_demo.json"))]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, strategy: Strategy):
+        self.cfg = cfg
+        self.strategy = strategy
+        self.device = strategy.device
+        self.logdir = Path(cfg.train.logdir)
+        prepare_demo_data(cfg, strategy)
+
+        # Same initial weights on every rank (sharded backends rely on it).
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, cfg.ssl.contrastive_dim)
+        if cfg.model.init_weights:
+            missing = load_init_weights(model, Path(cfg.model.init_weights))
+            if strategy.is_main:
+                print(f"ssl3d: initialised from {cfg.model.init_weights} ({len(missing)} tensors left as built)")
+        self.model, self.optimizer = strategy.setup(model, lambda params: build_optimizer(cfg.optim, params))
+        self.loss_fn = SSLLoss(
+            LossWeights(cfg.ssl.rotation_weight, cfg.ssl.contrastive_weight, cfg.ssl.reconstruction_weight),
+            temperature=cfg.ssl.temperature,
+        )
+        self.masking = MaskingParams(cfg.ssl.max_drop, cfg.ssl.min_block, cfg.ssl.max_block)
+        # Augmentation randomness: one stream per rank, on the model's device, saved in checkpoints.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.train.seed * 1000 + strategy.rank + 1)
+
+        self.state = LoopState()
+        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", strategy)
+        resume = resolve_resume(cfg.train.resume, self.logdir / "checkpoints")
+        if resume is not None:
+            self._resume(resume)
+        self.train_loader, self.val_loader = build_loaders(
+            cfg, strategy.rank, strategy.world_size, self.state.epoch, self.state.batch_in_epoch
+        )
+        self.log = RunLogger(self.logdir, enabled=strategy.is_main)
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def _forward_losses(self, x: torch.Tensor, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], Any]:
+        views = make_views(x, generator, self.masking)  # both views stacked: [2N, C, H, W, D]
+        with self.strategy.autocast():
+            out = self.model(views.corrupted)
+        losses = self.loss_fn(
+            out.rotation.float(), views.rot_labels, out.contrastive.float(), out.reconstruction.float(), views.views
+        )
+        return losses, (views, out)
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns mean losses and the gradient norm."""
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        lr = lr_at(self.cfg.optim, self.state.step, self.cfg.train.num_steps)
+        self.strategy.set_lr(lr)
+        for i, x in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            with self.strategy.accumulate(sync):
+                losses, _ = self._forward_losses(x, self.generator)
+                self.strategy.backward(losses["total"], sync=sync)
+            for k in LOSS_KEYS:
+                sums[k] += float(losses[k].detach()) / len(micro_batches)
+        norm = float(self.strategy.step(self.cfg.train.grad_clip))
+        return {**sums, "lr": lr}, norm
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def _batches(self):
+        """Endless batches; the (epoch, batch) position is tracked so a resume continues the data order."""
+        while True:
+            self.train_loader.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+            for batch in self.train_loader:
+                self.state.batch_in_epoch += 1
+                yield batch["image"].to(self.device, non_blocking=True)
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # -- validation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean losses over the whole validation list, spread over all ranks; the same corruption every time."""
+        self.model.eval()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.cfg.train.seed + 7919 * (self.strategy.rank + 1))
+        totals = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=self.device)
+        first = None
+        for i, batch in enumerate(self.val_loader):
+            if self.cfg.train.max_val_batches is not None and i >= self.cfg.train.max_val_batches:
+                break
+            x = batch["image"].to(self.device)
+            losses, (views, out) = self._forward_losses(x, gen)
+            n = x.shape[0]
+            totals += torch.tensor(
+                [float(losses[k]) * n for k in LOSS_KEYS] + [n], device=self.device, dtype=torch.float64
+            )
+            if first is None:
+                first = (views.views[0], views.corrupted[0], out.reconstruction[0])
+        self.strategy.all_reduce_sum(totals)
+        self.model.train()
+        count = max(float(totals[-1]), 1.0)
+        result = {k: float(totals[i]) / count for i, k in enumerate(LOSS_KEYS)}
+        if first is not None:
+            self.log.images("Validation", *first, step=self.state.step)
+        return result
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _extra(self) -> dict[str, Any]:
+        s = self.state
+        extra = {
+            "step": s.step,
+            "epoch": s.epoch,
+            "batch_in_epoch": s.batch_in_epoch,
+            "best_val": s.best_val,
+            "bad_steps_in_row": s.bad_steps_in_row,
+            "skipped_steps": s.skipped_steps,
+            "history": json.dumps(s.history),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+        if torch.cuda.is_available():
+            extra["cuda_rng"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return extra
+
+    def _resume(self, directory: Path) -> None:
+        extra = self.strategy.load(directory)
+        s = self.state
+        s.step, s.epoch, s.batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
+        s.best_val = float(extra["best_val"])
+        s.bad_steps_in_row = int(extra.get("bad_steps_in_row", 0))
+        s.skipped_steps = int(extra.get("skipped_steps", 0))
+        s.history = json.loads(extra.get("history", "[]"))
+        self.generator.set_state(extra["generator"])
+        torch.set_rng_state(extra["torch_rng"])
+        if extra.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
+        if self.strategy.is_main:
+            print(f"ssl3d: resumed from {directory} at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch})")
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.state.step, self._extra())
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, s, strategy = self.cfg, self.state, self.strategy
+        if strategy.is_main:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            (self.logdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        batches = self._batches()
+        volumes_per_step = cfg.train.batch_size * cfg.data.num_samples * 2 * cfg.train.grad_accum * strategy.world_size
+        bar = tqdm(
+            total=cfg.train.num_steps,
+            initial=s.step,
+            desc="pre-training",
+            unit="step",
+            disable=not (strategy.is_main and cfg.train.progress),
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        last_val: dict[str, float] = {}
+        while s.step < cfg.train.num_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            losses, norm = self.train_step(micro)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            s.step += 1
+            if math.isfinite(norm) and math.isfinite(losses["total"]):
+                s.bad_steps_in_row = 0
+            else:
+                s.bad_steps_in_row += 1
+                s.skipped_steps += 1
+                warnings.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped")
+            record = {"step": s.step, **{k: losses[k] for k in LOSS_KEYS}}
+            s.history = (s.history[:1] + [record])[-2:] if s.history else [record]
+            if s.step % cfg.train.log_every == 0 or s.step == cfg.train.num_steps:
+                scalars = {f"train/loss_{k}": losses[k] for k in LOSS_KEYS}
+                scalars |= {"train/lr": losses["lr"], "train/grad_norm": norm, "perf/step_time_s": dt}
+                scalars["perf/volumes_per_s"] = volumes_per_step / dt
+                scalars |= {f"memory/{k}": v for k, v in strategy.memory_report().items()}
+                self.log.scalars(scalars, s.step)
+            bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{losses['lr']:.2e}")
+            bar.update(1)
+            if s.step % cfg.train.eval_num == 0 or s.step == cfg.train.num_steps:
+                last_val = self.validate()
+                self.log.scalars({f"Validation/loss_{k}": v for k, v in last_val.items()}, s.step)
+                if last_val["reconstruction"] < s.best_val:
+                    s.best_val = last_val["reconstruction"]
+                    self.checkpoints.save_best(self._extra())
+                self.save()
+                self.log.flush()
+        bar.close()
+        return self.finish(last_val)
+
+    def finish(self, last_val: dict[str, float]) -> dict[str, Any]:
+        """Export the encoder for fine-tuning and write a summary next to the logs."""
+        weights = self.strategy.full_state_dict()
+        summary: dict[str, Any] = {}
+        if self.strategy.is_main:
+            export_path = export_swinvit(weights, self.logdir / "model_swinvit.pt")
+            hist = self.state.history
+            summary = {
+                "steps": self.state.step,
+                "first": hist[0] if hist else None,
+                "last": hist[-1] if hist else None,
+                "validation": last_val,
+                "best_val_reconstruction": self.state.best_val,
+                "skipped_steps": self.state.skipped_steps,
+                "export": str(export_path),
+                "memory": self.strategy.memory_report(),
+            }
+            (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log.close()
+        self.strategy.barrier()
+        return summary
