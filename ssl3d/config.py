@@ -314,6 +314,11 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
                 f"data.roi[{i}]: got {r}, expected a positive multiple of 32 "
                 "(patch 2 and four 2x mergings), e.g. 64, 96, 128"
             )
+    if all(r > 0 and r % 32 == 0 for r in d.roi) and d.roi[0] * d.roi[1] * d.roi[2] < 2 * 32**3:
+        p.append(
+            f"data.roi: got {list(d.roi)}, expected at least 2 tokens at the last stage (ROI/32 per axis), "
+            "since the contrastive head reads token 1; e.g. [64, 64, 32]"
+        )
     if d.roi[0] != d.roi[1]:
         p.append(
             f"data.roi: got {list(d.roi)}, expected roi[0] == roi[1] "
