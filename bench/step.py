@@ -1,0 +1,172 @@
+"""Step time and peak memory of one pre-training step, ssl3d against a reference-equivalent step, side by side.
+
+The reference-equivalent mode reproduces what the published script does per step: anomaly detection on,
+per-sample/per-cuboid Python augmentation loops with NumPy random numbers, two forward passes (one per view).
+Each mode runs in its own fresh process so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
+
+    python bench/step.py --feature-size 48 --roi 64 --batch 1 --crops 2 --steps 3 --threads 2
+    python bench/step.py --modes ssl3d --roi 96 --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def reference_patch_drop(x, x_rep, rng, max_drop=0.3, max_block=0.25, tolr=0.05):
+    """The reference's per-sample cuboid loop (host RNG, one slice assignment per cuboid)."""
+    import torch
+
+    c, h, w, z = x.shape
+    n_drop = rng.uniform(0, max_drop) * h * w * z
+    mx = (int(h * max_block), int(w * max_block), int(z * max_block))
+    tl = (int(tolr * h), int(tolr * w), int(tolr * z))
+    total = 0
+    while total < n_drop:
+        r, cc, s = rng.integers(0, h - tl[0]), rng.integers(0, w - tl[1]), rng.integers(0, z - tl[2])
+        he = min(rng.integers(tl[0], mx[0]) + r, h)
+        we = min(rng.integers(tl[1], mx[1]) + cc, w)
+        ze = min(rng.integers(tl[2], mx[2]) + s, z)
+        if x_rep is None:
+            noise = torch.empty((c, he - r, we - cc, ze - s), dtype=x.dtype, device=x.device).normal_()
+            x[:, r:he, cc:we, s:ze] = (noise - noise.min()) / (noise.max() - noise.min())
+        else:
+            x[:, r:he, cc:we, s:ze] = x_rep[:, r:he, cc:we, s:ze]
+        total += (he - r) * (we - cc) * (ze - s)
+    return x
+
+
+def reference_views(x, rng):
+    import torch
+
+    def rot(xs):
+        out = xs.detach().clone()
+        labels = torch.zeros(xs.shape[0], dtype=torch.long, device=xs.device)
+        for i in range(xs.shape[0]):
+            k = int(rng.integers(0, 4))
+            out[i] = xs[i].rot90(k, (2, 3))
+            labels[i] = k
+        return out, labels
+
+    def aug(xs):
+        out = xs.detach().clone()
+        for i in range(xs.shape[0]):
+            out[i] = reference_patch_drop(out[i], None, rng)
+            j = int(rng.integers(0, xs.shape[0]))
+            if j != i:
+                out[i] = reference_patch_drop(out[i], out[j], rng)
+        return out
+
+    x1, r1 = rot(x)
+    x2, r2 = rot(x)
+    return x1, x2, aug(x1), aug(x2), torch.cat([r1, r2])
+
+
+def run_one(a: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from ssl3d.config import ModelConfig
+    from ssl3d.model import build_model
+    from ssl3d.ssl import MaskingParams, SSLLoss, make_views
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    device = torch.device(a.device)
+    reference = a.mode == "reference"
+    depths = tuple(a.depths)
+    mcfg = ModelConfig(feature_size=a.feature_size, depths=depths, use_checkpoint=a.use_checkpoint)
+    model = build_model(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    loss_fn = SSLLoss()
+    n = a.batch * a.crops
+    x = torch.rand(n, 1, a.roi, a.roi, a.roi, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rng = np.random.default_rng(0)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
+    torch.autograd.set_detect_anomaly(reference)
+    times = []
+    for _ in range(a.steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if reference:
+                x1, x2, a1, a2, labels = reference_views(x, rng)
+                o1, o2 = model(a1), model(a2)
+                rot = torch.cat([o1.rotation, o2.rotation])
+                emb = torch.cat([o1.contrastive, o2.contrastive])
+                rec = torch.cat([o1.reconstruction, o2.reconstruction])
+                target = torch.cat([x1, x2])
+            else:
+                v = make_views(x, gen, MaskingParams())
+                o = model(v.corrupted)
+                rot, emb, rec, target, labels = o.rotation, o.contrastive, o.reconstruction, v.views, v.rot_labels
+        loss = loss_fn(rot.float(), labels, emb.float(), rec.float(), target)["total"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    steady = times[1:]  # the first step warms up allocators and kernels
+    out = {
+        "mode": a.mode,
+        "step_time_s": sum(steady) / len(steady),
+        "step_times_s": [round(t, 3) for t in steady],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    if device.type == "cuda":
+        out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["cuda_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="reference,ssl3d", help="comma list: reference, ssl3d")
+    p.add_argument("--mode", help=argparse.SUPPRESS)  # internal: one mode in this process
+    p.add_argument("--feature-size", type=int, default=48)
+    p.add_argument("--depths", type=int, nargs=4, default=[2, 2, 2, 2])
+    p.add_argument("--roi", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--crops", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--use-checkpoint", action="store_true", help="MONAI's per-block checkpointing in both modes")
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args()
+    if a.mode:
+        print(json.dumps(run_one(a)))
+        return
+    results = []
+    for mode in a.modes.split(","):
+        argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"{mode:10s} step {r['step_time_s']:.2f} s  peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}")
+    if len(results) == 2:
+        ref, ours = results
+        print(
+            f"ratio ssl3d/reference: step time {ours['step_time_s'] / ref['step_time_s']:.2f}x, "
+            f"peak RSS {ours['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x"
+        )
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
