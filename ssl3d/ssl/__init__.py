@@ -1,0 +1,25 @@
+"""Self-supervised tasks: view generation (rotation, cuboid inpainting corruption) and the SSL losses."""
+
+from ssl3d.ssl.augment import (
+    MaskingParams,
+    MaskingResult,
+    SSLViews,
+    make_views,
+    mask_cuboids,
+    mask_cuboids_detailed,
+    rotate_random,
+)
+from ssl3d.ssl.losses import LossWeights, SSLLoss, contrastive_loss
+
+__all__ = [
+    "LossWeights",
+    "MaskingParams",
+    "MaskingResult",
+    "SSLLoss",
+    "SSLViews",
+    "contrastive_loss",
+    "make_views",
+    "mask_cuboids",
+    "mask_cuboids_detailed",
+    "rotate_random",
+]
