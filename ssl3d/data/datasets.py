@@ -205,9 +205,8 @@ def resolve_data_config(cfg: Config) -> DataConfig:
     d = cfg.data
     if d.datalists:
         return d
-    demo_dir = d.demo_dir or os.path.join(cfg.train.logdir, os.pardir, "demo_data")
-    demo_dir = os.path.abspath(demo_dir)
-    path = write_demo_dataset(Path(demo_dir), n_volumes=d.demo_volumes, seed=0)
+    demo_dir = Path(d.demo_dir or Path(cfg.train.logdir).parent / "demo_data")  # as ssl3d.trainer writes it
+    path = write_demo_dataset(demo_dir, n_volumes=d.demo_volumes, seed=cfg.train.seed)
     log.info("data.datalists is empty: using %d synthetic demo volumes from %s", d.demo_volumes, path)
     return dataclasses.replace(d, datalists=[DatalistConfig(json=str(path))])
 
