@@ -317,12 +317,12 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     if all(r > 0 and r % 32 == 0 for r in d.roi) and d.roi[0] * d.roi[1] * d.roi[2] < 2 * 32**3:
         p.append(
             f"data.roi: got {list(d.roi)}, expected at least 2 tokens at the last stage (ROI/32 per axis), "
-            "since the contrastive head reads token 1; e.g. [64, 64, 32]"
+            "since the contrastive head reads token 1; e.g. [32, 64, 64]"
         )
-    if d.roi[0] != d.roi[1]:
+    if d.roi[1] != d.roi[2]:
         p.append(
-            f"data.roi: got {list(d.roi)}, expected roi[0] == roi[1] "
-            "(rotation by 90 degrees in that plane must keep the crop's shape)"
+            f"data.roi: got {list(d.roi)}, expected roi[1] == roi[2] "
+            "(the rotation task turns crops by 90 degrees in that plane, which must keep their shape)"
         )
     if d.num_samples < 1:
         p.append(f"data.num_samples: got {d.num_samples}, expected at least 1")

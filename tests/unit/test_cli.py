@@ -20,12 +20,12 @@ def seed_args(argv: list[str]) -> argparse.Namespace:
 
 def test_seed_flags_map_onto_the_config():
     argv = "--use_checkpoint --batch_size=1 --sw_batch_size=1 --num_steps=7 --lrdecay --eval_num=3 --logdir=x "
-    argv += "--lr=6e-6 --decay=0.05 --roi_x=64 --roi_y=64 --roi_z=32 --feature_size=24 --noamp --grad_clip"
+    argv += "--lr=6e-6 --decay=0.05 --roi_x=32 --roi_y=64 --roi_z=64 --feature_size=24 --noamp --grad_clip"
     cfg = build_config(seed_args(argv.split()), seed_flags=True)
     assert cfg.model.use_checkpoint and cfg.model.feature_size == 24
     assert cfg.train.batch_size == 1 and cfg.data.num_samples == 1 and cfg.train.num_steps == 7
     assert cfg.optim.schedule == "warmup_cosine" and cfg.optim.lr == 6e-6 and cfg.optim.weight_decay == 0.05
-    assert cfg.data.roi == (64, 64, 32) and cfg.train.precision == "fp32" and cfg.train.grad_clip == 1.0
+    assert cfg.data.roi == (32, 64, 64) and cfg.train.precision == "fp32" and cfg.train.grad_clip == 1.0
     assert cfg.train.logdir == "runs/x" and cfg.train.eval_num == 3
 
 
@@ -42,10 +42,10 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_user_errors_exit_2_with_one_line_per_problem(capsys):
-    assert main(["pretrain", "--set", "train.batch_size=0", "--set", "data.roi=[64,64,50]"]) == 2
+    assert main(["pretrain", "--set", "train.batch_size=0", "--set", "data.roi=[50,64,64]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2
-    assert any("train.batch_size" in line for line in err) and any("data.roi[2]" in line for line in err)
+    assert any("train.batch_size" in line for line in err) and any("data.roi[0]" in line for line in err)
 
 
 def test_missing_config_file_exits_2_without_traceback(tmp_path):

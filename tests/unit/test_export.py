@@ -47,5 +47,5 @@ def test_reference_checkpoint_with_ddp_prefix_and_old_mlp_names(tmp_path, tiny_m
     assert set(loaded) == set(src.state_dict())
     dst = build_model(tiny_model_cfg)
     assert load_init_weights(dst, tmp_path / "model_bestValRMSE.pt") == []
-    x = torch.rand(1, 1, 64, 64, 32)
+    x = torch.rand(1, 1, 32, 64, 64)
     torch.testing.assert_close(dst(x).reconstruction, src(x).reconstruction)

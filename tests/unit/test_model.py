@@ -23,10 +23,10 @@ def test_reference_size_parameter_counts():
 @pytest.mark.parametrize("decoder", ["vae", "deconv", "large_kernel_deconv"])
 def test_output_shapes(tiny_model_cfg, decoder):
     cfg = ModelConfig(**{**tiny_model_cfg.__dict__, "decoder": decoder})
-    out = build_model(cfg)(torch.rand(2, 1, 64, 64, 32))
+    out = build_model(cfg)(torch.rand(2, 1, 32, 64, 64))
     assert out.rotation.shape == (2, 4)
     assert out.contrastive.shape == (2, 512)
-    assert out.reconstruction.shape == (2, 1, 64, 64, 32)
+    assert out.reconstruction.shape == (2, 1, 32, 64, 64)
 
 
 def test_legacy_patch_merging_order():
