@@ -288,7 +288,7 @@ def test_validation_is_ordered_split_and_marks_padding(demo: Path, tmp_path: Pat
 def test_demo_data_is_used_when_no_datalists(tmp_path: Path) -> None:
     cfg = load_config(
         overrides={
-            "data.roi": [64, 64, 32],
+            "data.roi": [32, 64, 64],
             "data.num_workers": 0,
             "train.logdir": str(tmp_path / "runs" / "exp"),
             "data.demo_volumes": 3,
