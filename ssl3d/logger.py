@@ -47,9 +47,10 @@ class RunLogger:
         for name, s in zip(("ground_truth", "corrupted", "reconstruction"), slices):
             self.writer.add_image(f"{tag}/{name}", s[None], step, dataformats="CHW")
         strip = np.concatenate([np.pad(s, ((2, 2), (2, 2)), constant_values=255) for s in slices], axis=1)
+        zoom = max(1, 192 // strip.shape[0])  # small ROIs are hard to see at one pixel per voxel
         path = self.logdir / "images" / f"{tag.lower()}_step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(strip).save(path)
+        Image.fromarray(strip).resize((strip.shape[1] * zoom, strip.shape[0] * zoom), Image.NEAREST).save(path)
         return path
 
     def flush(self) -> None:

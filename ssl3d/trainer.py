@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from ssl3d.checkpoint import CheckpointManager, export_swinvit, load_init_weights, resolve_resume
-from ssl3d.config import Config, DatalistConfig
-from ssl3d.data import build_loaders, write_demo_dataset
+from ssl3d.config import Config
+from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.logger import RunLogger
 from ssl3d.model import build_model
 from ssl3d.optim import build_optimizer, lr_at
@@ -43,14 +43,13 @@ class LoopState:
 
 
 def prepare_demo_data(cfg: Config, strategy: Strategy) -> None:
-    """No datalist configured: write the built-in synthetic CT volumes once (rank 0) and train on them."""
+    """No datalist configured: rank 0 writes the built-in synthetic CT volumes once, then all ranks use them."""
     if cfg.data.datalists:
         return
-    demo_dir = Path(cfg.data.demo_dir or Path(cfg.train.logdir).parent / "demo_data")
     if strategy.is_main:
-        write_demo_dataset(demo_dir, n_volumes=cfg.data.demo_volumes, seed=cfg.train.seed)
+        resolve_data_config(cfg)
     strategy.barrier()
-    cfg.data.datalists = [DatalistConfig(json=str(demo_dir / "dataset_demo.json"))]
+    cfg.data = resolve_data_config(cfg)
 
 
 class Trainer:
@@ -89,14 +88,13 @@ class Trainer:
         self.log = RunLogger(self.logdir, enabled=strategy.is_main)
 
     # -- one step ------------------------------------------------------------------------------------------
-    def _forward_losses(self, x: torch.Tensor, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], Any]:
+    def _forward_losses(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         views = make_views(x, generator, self.masking)  # both views stacked: [2N, C, H, W, D]
         with self.strategy.autocast():
             out = self.model(views.corrupted)
-        losses = self.loss_fn(
+        return self.loss_fn(
             out.rotation.float(), views.rot_labels, out.contrastive.float(), out.reconstruction.float(), views.views
         )
-        return losses, (views, out)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns mean losses and the gradient norm."""
@@ -106,7 +104,7 @@ class Trainer:
         for i, x in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             with self.strategy.accumulate(sync):
-                losses, _ = self._forward_losses(x, self.generator)
+                losses = self._forward_losses(x, self.generator)
                 self.strategy.backward(losses["total"], sync=sync)
             for k in LOSS_KEYS:
                 sums[k] += float(losses[k].detach()) / len(micro_batches)
@@ -137,13 +135,27 @@ class Trainer:
             if self.cfg.train.max_val_batches is not None and i >= self.cfg.train.max_val_batches:
                 break
             x = batch["image"].to(self.device)
-            losses, (views, out) = self._forward_losses(x, gen)
-            n = x.shape[0]
-            totals += torch.tensor(
-                [float(losses[k]) * n for k in LOSS_KEYS] + [n], device=self.device, dtype=torch.float64
-            )
-            if first is None:
-                first = (views.views[0], views.corrupted[0], out.reconstruction[0])
+            # Every rank runs the same number of batches (sharded backends need it); crops of volumes repeated
+            # to even out the ranks are marked invalid and left out of the mean.
+            valid = batch.get("valid", torch.ones(x.shape[0], dtype=torch.bool)).to(self.device)
+            views = make_views(x, gen, self.masking)
+            with self.strategy.autocast():
+                out = self.model(views.corrupted)
+            n = int(valid.sum())
+            if n:
+                keep = torch.cat([valid, valid])  # both views
+                losses = self.loss_fn(
+                    out.rotation[keep].float(),
+                    views.rot_labels[keep],
+                    out.contrastive[keep].float(),
+                    out.reconstruction[keep].float(),
+                    views.views[keep],
+                )
+                row = [float(losses[k]) * n for k in LOSS_KEYS] + [n]
+                totals += torch.tensor(row, device=self.device, dtype=torch.float64)
+                if first is None:
+                    j = int(valid.nonzero()[0])
+                    first = (views.views[j], views.corrupted[j], out.reconstruction[j])
         self.strategy.all_reduce_sum(totals)
         self.model.train()
         count = max(float(totals[-1]), 1.0)

@@ -1,0 +1,114 @@
+"""End-to-end runs of the trainer on real NIfTI files (tiny model, small crops)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ssl3d.cli import main
+from ssl3d.config import load_config
+from ssl3d.strategies import build_strategy
+from ssl3d.trainer import Trainer
+
+TINY = {
+    "model.feature_size": 12,
+    "model.depths": [1, 1, 1, 1],
+    "data.roi": [32, 64, 64],
+    "data.num_samples": 1,
+    "data.num_workers": 0,
+    "data.demo_volumes": 3,
+    "train.batch_size": 1,
+    "train.progress": False,
+    "optim.warmup_steps": 2,
+    "optim.lr": 1e-3,
+}
+
+
+def run(logdir: Path, **overrides) -> dict:
+    cfg = load_config(None, {**TINY, "train.logdir": str(logdir), **overrides})
+    return Trainer(cfg, build_strategy(cfg)).fit()
+
+
+def scalars(logdir: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_demo_run_writes_logs_images_checkpoints_and_export(tmp_path):
+    logdir = tmp_path / "run"
+    summary = run(logdir, **{"train.num_steps": 4, "train.eval_num": 2})
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in [
+        "train/loss_total",
+        "train/loss_rotation",
+        "train/loss_contrastive",
+        "train/loss_reconstruction",
+        "train/lr",
+        "train/grad_norm",
+        "perf/step_time_s",
+        "perf/volumes_per_s",
+        "Validation/loss_reconstruction",
+    ]:
+        assert tag in tags["scalars"], tag
+    assert {"Validation/ground_truth", "Validation/corrupted", "Validation/reconstruction"} <= set(tags["images"])
+    assert len(list((logdir / "images").glob("validation_step_*.png"))) == 2
+    ckpts = logdir / "checkpoints"
+    assert (ckpts / "best" / "COMPLETE").is_file()
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000004"]
+    exported = torch.load(summary["export"], weights_only=True)["state_dict"]
+    assert "module.layers1.0.blocks.0.mlp.fc1.weight" in exported
+    assert json.loads((logdir / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    straight = tmp_path / "straight"
+    run(straight, **{"train.num_steps": 4, "train.eval_num": 2})
+    # Interrupted after step 2 (its checkpoint), then resumed with the same command plus --resume auto.
+    resumed = tmp_path / "resumed"
+    run(resumed, **{"train.num_steps": 2, "train.eval_num": 2})
+    run(resumed, **{"train.num_steps": 4, "train.eval_num": 2, "train.resume": "auto"})
+    a = scalars(straight, "train/loss_total")
+    b = scalars(resumed, "train/loss_total")
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    assert a[3] != pytest.approx(a[2])
+
+
+def test_volumes_of_mixed_shapes_including_thinner_than_the_roi(tmp_path):
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    shapes = [(70, 80, 90), (50, 40, 100), (80, 80, 20), (64, 96, 64)]  # one is 20 slices: thinner than 32
+    for i, shape in enumerate(shapes):
+        vol = rng.normal(0, 300, size=shape).astype(np.int16)
+        nib.save(nib.Nifti1Image(vol, np.diag([1.5, 1.5, 2.0, 1.0])), images / f"v{i}.nii.gz")
+    datalist = {"training": [{"image": f"images/v{i}.nii.gz"} for i in range(3)], "validation": ["images/v3.nii.gz"]}
+    (tmp_path / "list.json").write_text(json.dumps(datalist))
+    summary = run(
+        tmp_path / "run",
+        **{"train.num_steps": 3, "train.eval_num": 3, "data.datalists": [{"json": str(tmp_path / "list.json")}]},
+    )
+    assert summary["steps"] == 3 and np.isfinite(summary["last"]["total"])
+
+
+def test_cli_demo_run_and_export_command(tmp_path, capsys):
+    logdir = tmp_path / "cli"
+    args = ["pretrain"] + [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    args += ["--set", f"train.logdir={logdir}", "--set", "train.num_steps=2", "--set", "train.eval_num=2"]
+    assert main(args) == 0
+    assert "ssl3d: done: 2 steps" in capsys.readouterr().out
+    out = tmp_path / "exported.pt"
+    assert main(["export", str(logdir), str(out)]) == 0
+    a = torch.load(out, weights_only=True)["state_dict"]
+    b = torch.load(logdir / "model_swinvit.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
