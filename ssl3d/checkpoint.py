@@ -85,6 +85,11 @@ class CheckpointManager:
         if self.strategy.is_main:
             for old in self.step_dirs()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+            # `last` points at the newest complete step folder; replaced atomically.
+            tmp_link = self.root / ".last.tmp"
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(final.name)
+            os.replace(tmp_link, self.root / "last")
         return final
 
     def save_best(self, extra: dict[str, Any]) -> Path:

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ssl3d.config import Config, ConfigError, load_config
+from ssl3d.trainer import TrainingStopped
 
 EXIT_USAGE = 2
+EXIT_STOPPED = 3
 
 # `ssl3d pretrain` with no config: a run that finishes in minutes on a CPU, the reference size on a GPU.
 DEMO_CPU = {
@@ -271,6 +273,9 @@ def guarded(fn, *args: Any) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"ssl3d: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as exc:
+        print(f"ssl3d: stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("ssl3d: interrupted; resume with --resume auto", file=sys.stderr)
         return 130

@@ -108,6 +108,8 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint file/folder, or "auto": the newest in logdir
     progress: bool = True
     max_val_batches: int | None = None  # None: the whole validation list
+    keep_checkpoints: int = 2  # newest step folders kept (best/ is kept besides)
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
 
 
 @dataclass
@@ -366,6 +368,10 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"train.num_steps: got {t.num_steps}, expected at least 1")
     if t.eval_num < 1:
         p.append(f"train.eval_num: got {t.eval_num}, expected at least 1")
+    if t.keep_checkpoints < 1:
+        p.append(f"train.keep_checkpoints: got {t.keep_checkpoints}, expected at least 1")
+    if t.max_bad_steps < 1:
+        p.append(f"train.max_bad_steps: got {t.max_bad_steps}, expected at least 1")
     if t.log_every < 1:
         p.append(f"train.log_every: got {t.log_every}, expected at least 1")
     if t.grad_clip is not None and t.grad_clip <= 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,16 @@ from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
 from ssl3d.strategies import Strategy
 
 LOSS_KEYS = ("total", "rotation", "contrastive", "reconstruction")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says where to resume."""
+
+
+def _planted_nan_steps() -> set[int]:
+    """Test hook: SSL3D_PLANT_NAN=3,4 makes the losses of those steps (1-based) NaN."""
+    raw = os.environ.get("SSL3D_PLANT_NAN", "")
+    return {int(v) for v in raw.split(",") if v.strip()}
 
 
 @dataclass
@@ -78,7 +89,8 @@ class Trainer:
         self.generator.manual_seed(cfg.train.seed * 1000 + strategy.rank + 1)
 
         self.state = LoopState()
-        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", strategy)
+        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", strategy, keep=cfg.train.keep_checkpoints)
+        self.planted_nan = _planted_nan_steps()
         resume = resolve_resume(cfg.train.resume, self.logdir / "checkpoints")
         if resume is not None:
             self._resume(resume)
@@ -105,6 +117,8 @@ class Trainer:
             sync = i == len(micro_batches) - 1
             with self.strategy.accumulate(sync):
                 losses = self._forward_losses(x, self.generator)
+                if self.state.step + 1 in self.planted_nan:
+                    losses = {k: v * float("nan") for k, v in losses.items()}
                 self.strategy.backward(losses["total"], sync=sync)
             for k in LOSS_KEYS:
                 sums[k] += float(losses[k].detach()) / len(micro_batches)
@@ -233,11 +247,20 @@ class Trainer:
                 s.bad_steps_in_row += 1
                 s.skipped_steps += 1
                 warnings.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped")
+                if s.bad_steps_in_row >= cfg.train.max_bad_steps:
+                    bar.close()
+                    last = self.checkpoints.latest()
+                    where = f"last good checkpoint: {last}" if last else "no checkpoint written yet"
+                    raise TrainingStopped(
+                        f"step {s.step}: {s.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps); "
+                        f"{where}; lower optim.lr or set train.grad_clip, then resume with --resume auto"
+                    )
             record = {"step": s.step, **{k: losses[k] for k in LOSS_KEYS}}
             s.history = (s.history[:1] + [record])[-2:] if s.history else [record]
             if s.step % cfg.train.log_every == 0 or s.step == cfg.train.num_steps:
                 scalars = {f"train/loss_{k}": losses[k] for k in LOSS_KEYS}
                 scalars |= {"train/lr": losses["lr"], "train/grad_norm": norm, "perf/step_time_s": dt}
+                scalars["train/skipped_steps"] = s.skipped_steps
                 scalars["perf/volumes_per_s"] = volumes_per_step / dt
                 scalars |= {f"memory/{k}": v for k, v in strategy.memory_report().items()}
                 self.log.scalars(scalars, s.step)

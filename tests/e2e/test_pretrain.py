@@ -112,3 +112,31 @@ def test_cli_demo_run_and_export_command(tmp_path, capsys):
     a = torch.load(out, weights_only=True)["state_dict"]
     b = torch.load(logdir / "model_swinvit.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_planted_nan_step_is_skipped_without_changing_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSL3D_PLANT_NAN", "2")
+    logdir = tmp_path / "nan"
+    summary = run(logdir, **{"train.num_steps": 3, "train.eval_num": 1, "train.keep_checkpoints": 3})
+    assert summary["skipped_steps"] == 1
+    ckpt = logdir / "checkpoints"
+    s1 = torch.load(ckpt / "step_00000001" / "state.pt", weights_only=True)
+    s2 = torch.load(ckpt / "step_00000002" / "state.pt", weights_only=True)
+    s3 = torch.load(ckpt / "step_00000003" / "state.pt", weights_only=True)
+    assert all(torch.equal(s1["model"][k], s2["model"][k]) for k in s1["model"])
+    exp_avg = [v["exp_avg"] for v in s1["optimizer"]["state"].values()]
+    assert all(torch.equal(a, v["exp_avg"]) for a, v in zip(exp_avg, s2["optimizer"]["state"].values()))
+    assert not all(torch.equal(s2["model"][k], s3["model"][k]) for k in s2["model"])  # step 3 trains again
+    assert scalars(logdir, "train/skipped_steps")[3] == 1
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SSL3D_PLANT_NAN", "2,3")
+    logdir = tmp_path / "stop"
+    args = ["pretrain"] + [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    args += [f"--set=train.logdir={logdir}", "--set=train.num_steps=5", "--set=train.eval_num=1"]
+    assert main(args + ["--set=train.max_bad_steps=2"]) == 3
+    err = capsys.readouterr().err
+    assert (
+        "step 3: 2 non-finite steps in a row" in err and "step_00000002" in err
+    )  # skipped steps leave the weights as they were
