@@ -269,10 +269,11 @@ class Trainer:
             if s.step % cfg.train.eval_num == 0 or s.step == cfg.train.num_steps:
                 last_val = self.validate()
                 self.log.scalars({f"Validation/loss_{k}": v for k, v in last_val.items()}, s.step)
-                if last_val["reconstruction"] < s.best_val:
-                    s.best_val = last_val["reconstruction"]
-                    self.checkpoints.save_best(self._extra())
+                improved = last_val["reconstruction"] < s.best_val
+                s.best_val = min(s.best_val, last_val["reconstruction"])
                 self.save()
+                if improved:
+                    self.checkpoints.save_best(self._extra())
                 self.log.flush()
         bar.close()
         return self.finish(last_val)
