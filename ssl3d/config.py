@@ -61,7 +61,7 @@ class DataConfig:
     b_min: float = 0.0
     b_max: float = 1.0
     spacing: tuple[float, float, float] | None = None  # resample to this spacing (mm); None keeps voxels
-    dataset: Literal["plain", "cache", "smart_cache", "persistent"] = "plain"
+    dataset: Literal["plain", "cache", "smart_cache", "persistent", "prepcache"] = "plain"
     cache_rate: float = 0.5
     cache_dir: str | None = None  # persistent dataset folder; default <logdir>/cache
     num_workers: int = 4

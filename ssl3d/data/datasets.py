@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ssl3d.config import Config, DataConfig, DatalistConfig
 from ssl3d.data.datalist import load_datalists
 from ssl3d.data.demo import write_demo_dataset
+from ssl3d.data.prepcache import PrepCache, PrepCacheDataset, prepcache_root
 from ssl3d.data.transforms import build_crop_transforms, build_load_transforms
 
 log = logging.getLogger(__name__)
@@ -222,14 +223,17 @@ def build_datasets(cfg: Config, rank: int = 0, world_size: int = 1, start_epoch:
     workers = _cache_threads(d)
     progress = cfg.train.progress and rank == 0
     kind = d.dataset
+    prepcache = _prepcache(cfg, d, training + validation, rank, world_size, workers, progress)
+    if prepcache is not None:
+        crops = prepcache.crop_transforms(crops)
 
     # Training
     n = len(training)
     smart_cache = None
-    if kind in ("plain", "persistent"):
+    if kind in ("plain", "persistent", "prepcache"):  # every rank can read every volume: shuffle globally
         plan: EpochPlan = _GlobalShuffle(n, rank, world_size, seed)
         ids = list(range(n))
-        base = _plain_or_persistent(kind, training, load, cfg, d)
+        base = _plain_or_persistent(kind, training, load, cfg, d, prepcache)
     else:
         order = np.random.default_rng([seed % 2**32, PARTITION_STREAM]).permutation(n)
         local = even_partition(order, rank, world_size)
@@ -275,8 +279,8 @@ def build_datasets(cfg: Config, rank: int = 0, world_size: int = 1, start_epoch:
     val_items = [validation[g] for g, _ in local_val]
     if kind == "plain":
         val_base: Dataset = MonaiDataset(val_items, transform=load)
-    elif kind == "persistent":
-        val_base = _plain_or_persistent(kind, val_items, load, cfg, d)
+    elif kind in ("persistent", "prepcache"):
+        val_base = _plain_or_persistent(kind, val_items, load, cfg, d, prepcache)
     else:
         val_base = CacheDataset(
             val_items, transform=load, cache_rate=d.cache_rate, num_workers=workers, progress=progress, copy_cache=False
@@ -293,13 +297,32 @@ def build_datasets(cfg: Config, rank: int = 0, world_size: int = 1, start_epoch:
     return Datasets(train=train, val=val, data=d, smart=smart_cache)
 
 
-def _plain_or_persistent(kind: str, items: list[dict], load: Compose, cfg: Config, d: DataConfig) -> Dataset:
+def _plain_or_persistent(
+    kind: str, items: list[dict], load: Compose, cfg: Config, d: DataConfig, prepcache: PrepCache | None = None
+) -> Dataset:
     if kind == "plain":
         return MonaiDataset(items, transform=load)
+    if prepcache is not None:
+        return PrepCacheDataset(items, prepcache)
     # Keys hash only the item dict, so the folder must change whenever the preprocessing does.
     folder = Path(d.cache_dir or os.path.join(cfg.train.logdir, "cache")) / _preprocessing_hash(d)
     folder.mkdir(parents=True, exist_ok=True)
     return PersistentDataset(items, transform=load, cache_dir=folder)
+
+
+def _prepcache(
+    cfg: Config, d: DataConfig, items: list[dict], rank: int, world_size: int, workers: int, progress: bool
+) -> PrepCache | None:
+    """The preprocessing cache of ``data.dataset == "prepcache"``, with this rank's share built up front.
+
+    Each rank builds every world_size-th volume (in threads); an entry another rank has not finished yet is
+    built by whichever loader worker first needs it, and the first complete file wins.
+    """
+    if d.dataset != "prepcache":
+        return None
+    cache = PrepCache(prepcache_root(cfg), d, storage=getattr(d, "prepcache_storage", "float16"))
+    cache.build_all([e["image"] for e in items[rank::world_size]], workers=workers, progress=progress)
+    return cache
 
 
 def _preprocessing_hash(d: DataConfig) -> str:
