@@ -275,7 +275,7 @@ def _classify(src: Path, files: list[str], skipped: list[dict[str, Any]]) -> tup
             if suffix in (".mhd", ".nhdr"):
                 try:
                     data_files = _detached_data_files(src, rel, suffix)
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, ImportError) as exc:
                     skip(rel, kind, f"unreadable header: {_one_line(exc)}")
                     continue
                 claimed.update(data_files)
@@ -409,6 +409,12 @@ def _scan_dicom_headers(
             out[rel] = hit[1]
         else:
             todo.append(rel)
+    if todo:
+        try:
+            import pydicom  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            example = todo[0]
+            raise ImportError(f"reading DICOM (e.g. {example}) needs pydicom: pip install pydicom") from exc
     chunks = [todo[i : i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
     bar = _bar(len(todo), "scanning DICOM headers", progress)
     results = _map(_scan_chunk, [[str(src / r) for r in c] for c in chunks], workers)
@@ -703,9 +709,13 @@ def _map(fn: Callable[[Any], Any], items: list[Any], workers: int) -> Iterator[t
 
 
 def _assign_outputs(inputs: list[_Input], previous: dict[str, dict[str, Any]]) -> None:
-    """Give each input a unique output path (``images/...``), keeping the one a previous run used."""
+    """Give each input a unique output path (``images/...``), keeping the one a previous run used.
+
+    Inputs seen before are placed first, so a new input can never take (and overwrite) an existing output.
+    """
     taken: set[str] = set()
-    for inp in sorted(inputs, key=lambda i: i.key):
+    ordered = sorted(inputs, key=lambda i: (previous.get(i.key, {}).get("output") is None, i.key))
+    for inp in ordered:
         old = previous.get(inp.key, {}).get("output")
         name = old if old and old not in taken else f"{IMAGE_DIR}/{inp.stem}{inp.suffix}"
         if name in taken:  # e.g. ct.nii.gz and ct.nrrd side by side

@@ -312,6 +312,22 @@ def test_rerun_converts_nothing_and_a_changed_source_only_itself(tree: Path, tmp
     assert [r["source"] for r in third.converted if not r["reused"]] == ["patient04/lung.nrrd"]
 
 
+def test_same_named_inputs_get_distinct_outputs_and_keep_them(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "p"
+    src.mkdir(parents=True)
+    data = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)
+    nrrd.write(str(src / "ct.nrrd"), data, {"space": "left-posterior-superior", "space directions": np.eye(3)})
+    first = prepare_dataset(tmp_path / "src", tmp_path / "dst", workers=0, progress=False)
+    assert [r["output"] for r in first.converted] == ["images/p/ct.nii.gz"]
+    # A new ct.nii.gz sorts first but must not take (and overwrite) the NRRD's existing output.
+    nib.save(nib.Nifti1Image(data + 1, np.eye(4)), src / "ct.nii.gz")
+    second = prepare_dataset(tmp_path / "src", tmp_path / "dst", workers=0, progress=False)
+    outputs = {r["source"]: (r["output"], r["reused"]) for r in second.converted}
+    assert outputs["p/ct.nrrd"] == ("images/p/ct.nii.gz", True)
+    assert outputs["p/ct.nii.gz"][0].startswith("images/p/ct_") and not outputs["p/ct.nii.gz"][1]
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "dst/images/p/ct.nii.gz").dataobj), data)
+
+
 def test_a_killed_run_keeps_what_it_finished(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = prep._convert_task
@@ -372,3 +388,17 @@ def test_totalsegmentator_dicom_series_matches_monai(tmp_path: Path) -> None:
     assert torch.equal(ours.as_tensor().float(), ref.as_tensor().float())
     np.testing.assert_allclose(ours.affine.numpy(), ref.affine.numpy(), atol=1e-4)
     assert float(ref.min()) == -1024.0
+
+
+def test_command_line_flags(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    prep.add_prepare_arguments(parser)
+    args = parser.parse_args([str(tree), str(tmp_path), "--workers", "0", "--min-slices", "8", "--no-progress"])
+    assert prep.run_prepare(args) == 0
+    out = capsys.readouterr().out
+    assert "8 volumes (8 converted now, 0 reused), 8 inputs skipped" in out
+    assert "skipped      1 x gap of N mm at slice N" in out
+    with pytest.raises(FileNotFoundError, match="source folder .* not found"):
+        prepare_dataset(tmp_path / "nope", tmp_path / "out")
