@@ -1,18 +1,67 @@
-"""Backends for the training loop, chosen from a ds_config JSON (DeepSpeed's vocabulary)."""
+"""Backends for the training loop, chosen from a ds_config JSON (DeepSpeed's vocabulary).
+
+Heavy or optional libraries (DeepSpeed, fairscale) are imported only when their backend is set up.
+"""
 
 from __future__ import annotations
 
+import torch
+
 from ssl3d.config import Config
+from ssl3d.ds_config import DSConfig, load_ds_config
 from ssl3d.strategies.base import Strategy, clean_name, resolve_device, resolve_precision
+from ssl3d.strategies.ddp import DDPStrategy
+from ssl3d.strategies.deepspeed import DeepSpeedStrategy
+from ssl3d.strategies.distributed import dist_env, init_distributed
+from ssl3d.strategies.fairscale import FairscaleStrategy
+from ssl3d.strategies.fsdp import FSDPStrategy
 from ssl3d.strategies.single import SingleStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "single": SingleStrategy,
+    "ddp": DDPStrategy,
+    "fsdp": FSDPStrategy,
+    "deepspeed": DeepSpeedStrategy,
+    "fairscale": FairscaleStrategy,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def strategy_from_ds_config(ds: DSConfig, device: torch.device) -> Strategy:
+    """The backend a resolved preset names, on ``device``; joins the process group when the backend needs one."""
+    if ds.strategy != "single":
+        init_distributed("nccl" if device.type == "cuda" else "gloo")
+    return STRATEGIES[ds.strategy](device, DTYPES[ds.precision], grad_accum=ds.grad_accum, ds_config=ds)
 
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The backend the run's ds_config asks for; one process on one device when there is none."""
-    local_rank = 0
-    device = resolve_device(cfg.train.device, local_rank)
-    dtype = resolve_precision(cfg.train.precision, device)
-    return SingleStrategy(device, dtype, grad_accum=cfg.train.grad_accum)
+    """The backend the run's ds_config asks for; one process on one device when there is none.
+
+    The preset is checked against the run config and the launcher's world size before any process group exists,
+    so a wrong preset fails in a second, on every rank, with every problem listed.
+    """
+    env = dist_env()
+    device = resolve_device(cfg.train.device, env.local_rank)
+    auto_precision = DTYPE_NAMES[resolve_precision("auto", device)]
+    ds = load_ds_config(
+        cfg.ds_config, cfg, world_size=env.world_size, device_type=device.type, auto_precision=auto_precision
+    )
+    return strategy_from_ds_config(ds, device)
 
 
-__all__ = ["SingleStrategy", "Strategy", "build_strategy", "clean_name", "resolve_device", "resolve_precision"]
+__all__ = [
+    "DDPStrategy",
+    "DeepSpeedStrategy",
+    "FSDPStrategy",
+    "FairscaleStrategy",
+    "STRATEGIES",
+    "SingleStrategy",
+    "Strategy",
+    "build_strategy",
+    "clean_name",
+    "init_distributed",
+    "resolve_device",
+    "resolve_precision",
+    "strategy_from_ds_config",
+]

@@ -12,21 +12,27 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from ssl3d.ds_config import DSConfig
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+_WRAPPER_PARTS = frozenset(p.rstrip(".") for p in WRAPPER_PREFIXES)
 
 
 def clean_name(name: str) -> str:
-    """Drop wrapper prefixes that DDP, torch.compile and checkpoint wrappers insert into parameter names."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """Drop wrapper prefixes that DDP, torch.compile and checkpoint wrappers insert into parameter names.
+
+    Whole dotted components only: a plain ``replace("module.", "")`` would also cut the ``module.`` out of
+    ``_checkpoint_wrapped_module.`` and leave ``_checkpoint_wrapped_norm1.weight``.
+    """
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
@@ -48,15 +54,44 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+# What each backend writes into a checkpoint folder; one layout per family, so errors can say what a folder holds.
+CHECKPOINT_LAYOUTS = {
+    "state.pt": "one full file (single, ddp, fairscale)",
+    "dcp": "a sharded torch.distributed.checkpoint (fsdp)",
+    "deepspeed": "a DeepSpeed engine checkpoint (deepspeed)",
+}
+
+
+def require_layout(directory: Path, entry: str, strategy: str) -> Path:
+    """``directory/entry``, or an error that says which backend wrote the folder and how to convert it."""
+    path = Path(directory) / entry
+    if path.exists():
+        return path
+    found = [desc for name, desc in CHECKPOINT_LAYOUTS.items() if (Path(directory) / name).exists()]
+    held = f"it holds {found[0]}" if found else "it holds no checkpoint ssl3d knows"
+    raise RuntimeError(
+        f"{directory}: strategy {strategy} cannot resume from this folder ({held}); resume with the strategy "
+        "that wrote it, or start from its consolidated weights (model.init_weights) with a fresh optimizer"
+    )
+
+
 class Strategy(ABC):
     """One backend. Subclasses keep their engine/wrapper state; the trainer holds only the returned model."""
 
     name: str = "base"
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, grad_accum: int = 1):
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        grad_accum: int = 1,
+        ds_config: DSConfig | None = None,
+    ):
         self.device = device
         self.dtype = dtype  # compute dtype for autocast
         self.grad_accum = grad_accum
+        self.ds_config = ds_config  # the resolved preset (None: built directly, e.g. in tests)
+        self.gather_contrastive = bool(ds_config and ds_config.gather_contrastive)
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -124,6 +159,22 @@ class Strategy(ABC):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
+
+    def gather_embeddings(self, t: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows of ``t`` ([N, E] -> [world x N, E]) with gradients, when ``gather_contrastive`` is on.
+
+        A contrastive loss on the gathered batch sees every rank's negatives, so it matches one process with the
+        global batch. Every rank computes the same global loss; the gather's backward sums the gradients of the
+        local rows over ranks and the data-parallel average divides by the world size, which gives exactly the
+        global loss's gradient. Off (or on one process): returns ``t`` unchanged.
+        """
+        if not self.gather_contrastive or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return t
+        if torch.distributed.get_world_size() == 1:
+            return t
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(t.contiguous()), dim=0)
 
     def memory_report(self) -> dict[str, float]:
         """Peak memory figures in GiB for the logs."""

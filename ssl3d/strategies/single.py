@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name
+from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout
 
 
 def load_extra(directory: Path, rank: int) -> dict[str, Any]:
@@ -44,11 +44,12 @@ class SingleStrategy(Strategy):
     def step(self, max_grad_norm: float | None) -> torch.Tensor:
         assert self.optimizer is not None
         self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         finite = bool(torch.isfinite(norm))
         if finite and max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_grad_norm, norm)
+            # clip_grads_with_norm_ takes the parameters (it scales their .grad), not the gradients.
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
             self.scaler.update()
@@ -70,7 +71,7 @@ class SingleStrategy(Strategy):
         save_extra(directory, self.rank, extra)
 
     def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
-        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(require_layout(directory, "state.pt", self.name), map_location="cpu", weights_only=True)
         self.load_model_weights(state["model"])
         if load_optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -82,4 +83,10 @@ class SingleStrategy(Strategy):
         return {clean_name(k): v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict({clean_name(k): v for k, v in state.items()})
+        self.module.load_state_dict(match_names(self.module.state_dict(), state))
+
+
+def match_names(own: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain-named weights -> this module's own state-dict names (which may carry wrapper prefixes)."""
+    by_clean = {clean_name(k): k for k in own}
+    return {by_clean.get(clean_name(k), clean_name(k)): v for k, v in state.items()}

@@ -1,0 +1,547 @@
+"""The strategy preset: a ds_config JSON in DeepSpeed's own vocabulary, checked for every backend.
+
+One vocabulary covers single-process, DDP, FSDP2, DeepSpeed ZeRO and fairscale runs. DeepSpeed itself silently
+ignores a misspelled section (``zero_optimisation`` quietly means stage 0) and happily accepts batch sizes that
+disagree with the training loop, so everything here is checked against an allowlist and against the run config
+before any process group or engine exists. Every problem is collected and raised as one ``ConfigError``.
+
+ssl3d extensions (removed before the dict reaches DeepSpeed):
+
+- ``"strategy"``: ``single | ddp | fsdp | deepspeed | fairscale``; default ``deepspeed`` when
+  ``zero_optimization`` is present, else ``ddp`` (``single`` on one process);
+- ``"fsdp"``: ``{"reshard_after_forward": true, "cpu_offload": false, "shard": "block" | "stage"}``;
+- ``"gather_contrastive"``: gather contrastive embeddings from all ranks so the loss sees the global batch;
+- any key starting with ``_`` is a comment.
+
+``"auto"`` values are filled from the run config: micro batch = ``train.batch_size``, accumulation =
+``train.grad_accum``, clipping = ``train.grad_clip``, ``bf16``/``fp16`` from ``train.precision``. An explicit value
+that contradicts the run config is an error; ``"auto"`` in a ZeRO tuning knob means DeepSpeed's default.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssl3d.config import Config, ConfigError, read_json
+
+BACKENDS = ("single", "ddp", "fsdp", "deepspeed", "fairscale")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Top-level sections ssl3d understands. DeepSpeed knows more; those are refused rather than silently dropped.
+TOP_LEVEL_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "zero_optimization",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing",
+    "aio",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "optimizer",
+    "scheduler",
+    # ssl3d extensions
+    "strategy",
+    "fsdp",
+    "gather_contrastive",
+)
+SSL3D_KEYS = ("strategy", "fsdp", "gather_contrastive")
+
+# DeepSpeedZeroConfig fields (and their ``stage3_`` aliases) in DeepSpeed 0.16-0.19.
+ZERO_KEYS = (
+    "stage",
+    "contiguous_gradients",
+    "reduce_scatter",
+    "reduce_bucket_size",
+    "use_multi_rank_bucket_allreduce",
+    "allgather_partitions",
+    "allgather_bucket_size",
+    "overlap_comm",
+    "load_from_fp32_weights",
+    "elastic_checkpoint",
+    "offload_param",
+    "offload_optimizer",
+    "sub_group_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_model_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_gather_16bit_weights_on_model_save",
+    "stage3_module_granularity_threshold",
+    "stage3_use_all_reduce_for_fetch_params",
+    "ignore_unused_parameters",
+    "round_robin_gradients",
+    "zero_hpz_partition_size",
+    "zero_quantized_weights",
+    "zero_quantized_gradients",
+    "memory_efficient_linear",
+)
+ZERO_AUTO_KNOBS = (
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "sub_group_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_model_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+OFFLOAD_PARAM_KEYS = ("device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "pin_memory")
+OFFLOAD_OPTIMIZER_KEYS = (
+    "device",
+    "nvme_path",
+    "buffer_count",
+    "pin_memory",
+    "pipeline_read",
+    "pipeline_write",
+    "fast_init",
+    "ratio",
+)
+BF16_KEYS = ("enabled", "immediate_grad_update", "check_grad_overflow")
+FP16_KEYS = (
+    "enabled",
+    "auto_cast",
+    "loss_scale",
+    "initial_scale_power",
+    "loss_scale_window",
+    "hysteresis",
+    "consecutive_hysteresis",
+    "min_loss_scale",
+)
+# DeepSpeed's activation-checkpointing section; ssl3d.memory applies it to the Swin blocks.
+ACTIVATION_CHECKPOINTING_KEYS = (
+    "partition_activations",
+    "cpu_checkpointing",
+    "contiguous_memory_optimization",
+    "number_checkpoints",
+    "synchronize_checkpoint_boundary",
+    "profile",
+)
+FSDP_KEYS = ("reshard_after_forward", "cpu_offload", "shard")
+AIO_KEYS = ("block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events", "use_gds")
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where DeepSpeed keeps optimizer states or parameters between uses."""
+
+    device: str = "none"  # none | cpu | nvme
+    pin_memory: bool = False
+    nvme_path: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.device in ("cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class FSDPOptions:
+    """FSDP2 (``fully_shard``) options; ``shard``: one FSDP unit per Swin block or per stage."""
+
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    shard: str = "block"
+
+
+@dataclass(frozen=True)
+class DSConfig:
+    """A resolved, validated ds_config: every ``"auto"`` filled, every cross-check passed."""
+
+    strategy: str
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+    train_batch_size: int
+    gradient_clipping: float | None  # None: no clipping
+    precision: str  # fp32 | bf16 | fp16
+    zero_stage: int = 0
+    offload_optimizer: Offload = field(default_factory=Offload)
+    offload_param: Offload = field(default_factory=Offload)
+    fsdp: FSDPOptions = field(default_factory=FSDPOptions)
+    activation_checkpointing: dict[str, Any] = field(default_factory=dict)
+    gather_contrastive: bool = False
+    fp16: dict[str, Any] = field(default_factory=dict)  # loss-scaling options (DeepSpeed vocabulary)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # what deepspeed.initialize(config=...) gets
+    source: str = "<dict>"
+
+    @property
+    def uses_torch_optimizer_offload(self) -> bool:
+        """Optimizer offload with a plain torch optimizer (no compiled DeepSpeedCPUAdam)."""
+        return self.offload_optimizer.enabled and self.deepspeed.get("zero_force_ds_cpu_optimizer") is False
+
+
+def _did_you_mean(key: str, valid: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _js(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def _check_keys(section: dict[str, Any], valid: tuple[str, ...], prefix: str, problems: list[str]) -> None:
+    for key in section:
+        if key.startswith("_"):
+            continue
+        if key not in valid:
+            where = f"{prefix}.{key}" if prefix else key
+            problems.append(
+                f"{where}: unknown key; {_did_you_mean(key, valid)}valid keys: {', '.join(valid)}"
+                + (" (DeepSpeed would silently ignore it)" if not prefix else "")
+            )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _resolve_count(raw: dict[str, Any], key: str, run_value: int, run_key: str, problems: list[str]) -> int:
+    """An integer that repeats a run-config value: ``auto``/absent takes it, an explicit mismatch is an error."""
+    value = raw.get(key, "auto")
+    if value == "auto":
+        return run_value
+    if not _is_int(value) or value < 1:
+        problems.append(f'{key}: got {_js(value)}, expected a positive integer or "auto" (= {run_key})')
+        return run_value
+    if value != run_value:
+        problems.append(
+            f'{key}: got {value} but {run_key} is {run_value}; write "auto" or set {run_key}={value} '
+            f"(--set {run_key}={value})"
+        )
+    return value
+
+
+def _resolve_precision(
+    raw: dict[str, Any], run_precision: str, auto_precision: str, problems: list[str]
+) -> tuple[str, dict[str, Any]]:
+    """fp32/bf16/fp16 from the ``bf16``/``fp16`` sections and ``train.precision``; returns fp16 options too."""
+    asked: dict[str, Any] = {}
+    fp16_opts: dict[str, Any] = {}
+    for name, keys in (("bf16", BF16_KEYS), ("fp16", FP16_KEYS)):
+        section = raw.get(name)
+        if section is None:
+            asked[name] = "auto"
+            continue
+        if not isinstance(section, dict):
+            problems.append(f'{name}: got {_js(section)}, expected an object like {{"enabled": "auto"}}')
+            asked[name] = "auto"
+            continue
+        _check_keys(section, keys, name, problems)
+        enabled = section.get("enabled", "auto")
+        if enabled not in (True, False, "auto"):
+            problems.append(f'{name}.enabled: got {_js(enabled)}, expected true, false or "auto" (= train.precision)')
+            enabled = "auto"
+        asked[name] = enabled
+        if name == "fp16":
+            fp16_opts = {k: v for k, v in section.items() if k != "enabled" and not k.startswith("_")}
+    if asked["bf16"] is True and asked["fp16"] is True:
+        problems.append("bf16.enabled and fp16.enabled: both true; enable at most one (bf16 needs no loss scaling)")
+        return "bf16", fp16_opts
+    explicit = "bf16" if asked["bf16"] is True else "fp16" if asked["fp16"] is True else None
+    run_set = run_precision if run_precision != "auto" else None
+    if explicit and run_set and explicit != run_set:
+        problems.append(
+            f'{explicit}.enabled: got true but train.precision is "{run_set}"; write "auto" or set '
+            f"train.precision={explicit}"
+        )
+    for name in ("bf16", "fp16"):
+        if asked[name] is False and run_set == name:
+            problems.append(
+                f'{name}.enabled: got false but train.precision is "{name}"; write "auto" or change train.precision'
+            )
+    return explicit or run_set or auto_precision, fp16_opts
+
+
+def _resolve_offload(
+    zero: dict[str, Any], key: str, keys: tuple[str, ...], problems: list[str]
+) -> tuple[Offload, dict[str, Any] | None]:
+    section = zero.get(key)
+    if section is None:
+        return Offload(), None
+    where = f"zero_optimization.{key}"
+    if not isinstance(section, dict):
+        problems.append(f'{where}: got {_js(section)}, expected an object like {{"device": "cpu"}}')
+        return Offload(), None
+    _check_keys(section, keys, where, problems)
+    device = section.get("device", "none")
+    if device not in ("none", "cpu", "nvme"):
+        problems.append(f'{where}.device: got {_js(device)}, expected "none", "cpu" or "nvme"')
+        device = "none"
+    pin = section.get("pin_memory", False)
+    if not isinstance(pin, bool):
+        problems.append(f"{where}.pin_memory: got {_js(pin)}, expected true/false")
+        pin = False
+    path = section.get("nvme_path")
+    if device == "nvme" and not (isinstance(path, str) and path):
+        problems.append(f'{where}.nvme_path: missing; "device": "nvme" needs the folder of a fast local NVMe drive')
+    return Offload(device=device, pin_memory=pin, nvme_path=path), dict(section)
+
+
+def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offload, Offload, dict[str, Any] | None]:
+    zero = raw.get("zero_optimization")
+    if zero is None:
+        return 0, Offload(), Offload(), None
+    if not isinstance(zero, dict):
+        problems.append(f'zero_optimization: got {_js(zero)}, expected an object like {{"stage": 2}}')
+        return 0, Offload(), Offload(), None
+    _check_keys(zero, ZERO_KEYS, "zero_optimization", problems)
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        problems.append(f"zero_optimization.stage: got {_js(stage)}, expected 0, 1, 2 or 3")
+        stage = 0
+    off_opt, off_opt_raw = _resolve_offload(zero, "offload_optimizer", OFFLOAD_OPTIMIZER_KEYS, problems)
+    off_par, off_par_raw = _resolve_offload(zero, "offload_param", OFFLOAD_PARAM_KEYS, problems)
+    if off_par.enabled and stage != 3:
+        problems.append(
+            f'zero_optimization.offload_param: device "{off_par.device}" needs stage 3 (got stage {stage}); '
+            "set stage 3 or offload only the optimizer (offload_optimizer)"
+        )
+    if off_opt.enabled and stage == 0:
+        problems.append(
+            f'zero_optimization.offload_optimizer: device "{off_opt.device}" needs stage 1, 2 or 3 (got stage 0)'
+        )
+    for key in ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions"):
+        if key in zero and not isinstance(zero[key], bool):
+            problems.append(f"zero_optimization.{key}: got {_js(zero[key])}, expected true/false")
+    out = {}
+    for key, value in zero.items():
+        if key.startswith("_"):
+            continue
+        if value == "auto":
+            if key in ZERO_AUTO_KNOBS:
+                continue  # DeepSpeed's default
+            problems.append(f'zero_optimization.{key}: "auto" is only allowed for {", ".join(ZERO_AUTO_KNOBS)}')
+            continue
+        if key in ZERO_AUTO_KNOBS and not (_is_num(value) and value >= 0):
+            problems.append(f'zero_optimization.{key}: got {_js(value)}, expected a non-negative number or "auto"')
+            continue
+        out[key] = value
+    for key, section in (("offload_optimizer", off_opt_raw), ("offload_param", off_par_raw)):
+        if section is not None:
+            out[key] = {k: v for k, v in section.items() if not k.startswith("_")}
+    return stage, off_opt, off_par, out
+
+
+def _resolve_fsdp(raw: dict[str, Any], problems: list[str]) -> FSDPOptions:
+    section = raw.get("fsdp")
+    if section is None:
+        return FSDPOptions()
+    if not isinstance(section, dict):
+        problems.append(f'fsdp: got {_js(section)}, expected an object like {{"shard": "block"}}')
+        return FSDPOptions()
+    _check_keys(section, FSDP_KEYS, "fsdp", problems)
+    opts = FSDPOptions()
+    reshard = section.get("reshard_after_forward", opts.reshard_after_forward)
+    if not isinstance(reshard, bool):
+        problems.append(f"fsdp.reshard_after_forward: got {_js(reshard)}, expected true/false")
+        reshard = True
+    offload = section.get("cpu_offload", opts.cpu_offload)
+    if not isinstance(offload, bool):
+        problems.append(f"fsdp.cpu_offload: got {_js(offload)}, expected true/false")
+        offload = False
+    shard = section.get("shard", opts.shard)
+    if shard not in ("block", "stage"):
+        problems.append(
+            f'fsdp.shard: got {_js(shard)}, expected "block" (one FSDP unit per Swin block) or "stage" (per stage)'
+        )
+        shard = "block"
+    return FSDPOptions(reshard_after_forward=reshard, cpu_offload=offload, shard=shard)
+
+
+def resolve_ds_config(
+    raw: dict[str, Any],
+    cfg: Config,
+    *,
+    world_size: int = 1,
+    device_type: str = "cpu",
+    auto_precision: str = "fp32",
+    source: str = "<dict>",
+) -> DSConfig:
+    """Check a ds_config dict against the allowlists and the run config; fill every ``"auto"``.
+
+    ``auto_precision`` is what ``train.precision: "auto"`` means on this device (bf16 on recent GPUs, fp32 on
+    the CPU). Raises one ``ConfigError`` listing every problem.
+    """
+    problems: list[str] = []
+    raw = copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"ds_config {source}: expected a JSON object at the top level")
+    _check_keys(raw, TOP_LEVEL_KEYS, "", problems)
+    for key in ("optimizer", "scheduler"):
+        if key in raw:
+            problems.append(
+                f"{key}: not allowed in a ds_config; ssl3d builds the optimizer and learning-rate schedule itself "
+                f"from the run config's optim section (optim.name, optim.lr, optim.schedule, ...)"
+            )
+
+    # -- backend ------------------------------------------------------------------------------------------
+    strategy = raw.get("strategy")
+    if strategy is None:
+        strategy = "deepspeed" if "zero_optimization" in raw else ("ddp" if world_size > 1 else "single")
+    elif strategy not in BACKENDS:
+        problems.append(
+            f"strategy: got {_js(strategy)}, expected one of {', '.join(BACKENDS)} "
+            f"{_did_you_mean(str(strategy), BACKENDS).replace('? ', '?')}".rstrip()
+        )
+        strategy = "single"
+    if strategy == "single" and world_size > 1:
+        problems.append(
+            f'strategy: "single" runs one process but WORLD_SIZE is {world_size}; use "ddp" (or fsdp/deepspeed)'
+        )
+
+    # -- batch arithmetic ---------------------------------------------------------------------------------
+    t = cfg.train
+    micro = _resolve_count(raw, "train_micro_batch_size_per_gpu", t.batch_size, "train.batch_size", problems)
+    accum = _resolve_count(raw, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", problems)
+    expected = micro * accum * world_size
+    tbs = raw.get("train_batch_size", "auto")
+    if tbs == "auto":
+        tbs = expected
+    elif not _is_int(tbs) or tbs < 1:
+        problems.append(f'train_batch_size: got {_js(tbs)}, expected a positive integer or "auto"')
+        tbs = expected
+    elif tbs != expected:
+        problems.append(
+            f"train_batch_size: got {tbs}, expected train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+            f'world size = {micro} x {accum} x {world_size} = {expected}; write "auto" or fix one of them'
+        )
+
+    # -- clipping ------------------------------------------------------------------------------------------
+    clip_raw = raw.get("gradient_clipping", "auto")
+    clip: float | None
+    if clip_raw == "auto":
+        clip = t.grad_clip
+    elif not _is_num(clip_raw) or clip_raw < 0:
+        problems.append(f'gradient_clipping: got {_js(clip_raw)}, expected a norm >= 0 (0: off) or "auto"')
+        clip = t.grad_clip
+    else:
+        clip = float(clip_raw) if clip_raw > 0 else None
+        if clip != t.grad_clip:
+            run = "null" if t.grad_clip is None else t.grad_clip
+            fix = f"set train.grad_clip={clip}" if clip is not None else "set train.grad_clip=null"
+            problems.append(
+                f'gradient_clipping: got {_js(clip_raw)} but train.grad_clip is {run}; write "auto" or {fix}'
+            )
+
+    # -- precision -----------------------------------------------------------------------------------------
+    precision, fp16_opts = _resolve_precision(raw, t.precision, auto_precision, problems)
+    if precision == "fp16" and device_type != "cuda":
+        problems.append(
+            f"fp16.enabled: fp16 needs a CUDA GPU (loss scaling), this run is on the {device_type}; "
+            'use bf16 ("bf16": {"enabled": true}) or fp32'
+        )
+    if precision == "fp16" and strategy in ("fsdp", "fairscale"):
+        problems.append(
+            f'fp16.enabled: strategy "{strategy}" has no tested fp16 loss scaler in ssl3d; use bf16, '
+            'or strategy "deepspeed" for fp16'
+        )
+
+    # -- ZeRO ----------------------------------------------------------------------------------------------
+    stage, off_opt, off_par, zero = _resolve_zero(raw, problems)
+    if zero is not None and strategy != "deepspeed":
+        alternative = {
+            "fsdp": 'FSDP2 already shards like ZeRO-3; for offload use "fsdp": {"cpu_offload": true}',
+            "fairscale": "fairscale's OSS + ShardedDataParallel already shards like ZeRO-2",
+        }.get(strategy, 'use "strategy": "deepspeed", or "fsdp" to shard without DeepSpeed')
+        if stage > 0 or off_opt.enabled or off_par.enabled:
+            problems.append(f'zero_optimization: only DeepSpeed reads it, strategy is "{strategy}"; {alternative}')
+    for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "wall_clock_breakdown"):
+        if key in raw and not isinstance(raw[key], bool):
+            problems.append(f"{key}: got {_js(raw[key])}, expected true/false")
+    if "steps_per_print" in raw and not (_is_int(raw["steps_per_print"]) and raw["steps_per_print"] > 0):
+        problems.append(f"steps_per_print: got {_js(raw['steps_per_print'])}, expected a positive integer")
+    if "aio" in raw:
+        if isinstance(raw["aio"], dict):
+            _check_keys(raw["aio"], AIO_KEYS, "aio", problems)
+        else:
+            problems.append(f"aio: got {_js(raw['aio'])}, expected an object (DeepSpeed's NVMe I/O settings)")
+
+    # -- FSDP2 ---------------------------------------------------------------------------------------------
+    fsdp = _resolve_fsdp(raw, problems)
+    if "fsdp" in raw and strategy != "fsdp":
+        problems.append(f'fsdp: options for strategy "fsdp", but strategy is "{strategy}"; remove it or switch')
+
+    # -- activation checkpointing (stored; applied by ssl3d.memory) ----------------------------------------
+    ac = raw.get("activation_checkpointing", {})
+    if not isinstance(ac, dict):
+        problems.append(f"activation_checkpointing: got {_js(ac)}, expected an object")
+        ac = {}
+    _check_keys(ac, ACTIVATION_CHECKPOINTING_KEYS, "activation_checkpointing", problems)
+
+    gather = raw.get("gather_contrastive", False)
+    if not isinstance(gather, bool):
+        problems.append(f"gather_contrastive: got {_js(gather)}, expected true/false")
+        gather = False
+
+    if problems:
+        raise ConfigError([f"ds_config {source}: {p}" for p in problems])
+
+    # -- what DeepSpeed gets -------------------------------------------------------------------------------
+    ds: dict[str, Any] = {
+        k: v for k, v in raw.items() if not k.startswith("_") and k not in SSL3D_KEYS and k not in ("bf16", "fp16")
+    }
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = tbs
+    ds["gradient_clipping"] = clip or 0.0
+    ds["bf16"] = {
+        **{k: v for k, v in raw.get("bf16", {}).items() if not k.startswith("_")},
+        "enabled": precision == "bf16",
+    }
+    ds["fp16"] = {**fp16_opts, "enabled": precision == "fp16"}
+    if zero is not None:
+        ds["zero_optimization"] = zero
+    ds["activation_checkpointing"] = {k: v for k, v in ac.items() if not k.startswith("_")}
+    ds.setdefault("steps_per_print", 10**9)  # ssl3d logs itself; DeepSpeed's default prints every 10 steps
+    return DSConfig(
+        strategy=strategy,
+        world_size=world_size,
+        micro_batch_size=micro,
+        grad_accum=accum,
+        train_batch_size=tbs,
+        gradient_clipping=clip,
+        precision=precision,
+        zero_stage=stage,
+        offload_optimizer=off_opt,
+        offload_param=off_par,
+        fsdp=fsdp,
+        activation_checkpointing=ds["activation_checkpointing"],
+        gather_contrastive=gather,
+        fp16=fp16_opts,
+        deepspeed=ds,
+        source=source,
+    )
+
+
+def load_ds_config(
+    path: str | Path | None,
+    cfg: Config,
+    *,
+    world_size: int = 1,
+    device_type: str = "cpu",
+    auto_precision: str = "fp32",
+) -> DSConfig:
+    """Read and resolve a ds_config file; ``None`` means one process (or DDP when WORLD_SIZE > 1)."""
+    raw = read_json(path, what="ds_config") if path else {}
+    return resolve_ds_config(
+        raw,
+        cfg,
+        world_size=world_size,
+        device_type=device_type,
+        auto_precision=auto_precision,
+        source=str(path) if path else "<none>",
+    )

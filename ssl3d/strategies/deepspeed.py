@@ -1,0 +1,218 @@
+"""DeepSpeed ZeRO stages 0-3 with optional optimizer/parameter offload, driven by the ds_config preset.
+
+Differences from the other backends that this module hides from the loop:
+
+- ``engine.backward`` divides the loss by ``gradient_accumulation_steps`` itself, so the UNSCALED micro-batch
+  loss goes in; the accumulation boundary follows the loop's ``sync`` flag (``set_gradient_accumulation_boundary``)
+  and ``engine.step()`` is called once per optimizer step.
+- clipping is DeepSpeed's (``gradient_clipping`` in the preset, filled from ``train.grad_clip``).
+- a non-finite gradient norm skips the update: DeepSpeed's ZeRO, bf16 and fp16 optimizers do this themselves;
+  for stage 0 in fp32 (a bare torch optimizer) this module checks the norm and suppresses the step.
+- the optimizer is ssl3d's torch optimizer (``zero_allow_untested_optimizer``), or DeepSpeedCPUAdam with
+  the same hyper-parameters when the optimizer is offloaded. DeepSpeedCPUAdam is a C++ extension that is
+  JIT-compiled on first use (about 3 minutes on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, default
+  ``~/.cache/torch_extensions``); ``"zero_force_ds_cpu_optimizer": false`` keeps the torch optimizer instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout
+from ssl3d.strategies.distributed import init_distributed
+from ssl3d.strategies.single import load_extra, match_names, save_extra
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+def import_deepspeed() -> Any:
+    """Import DeepSpeed with the right accelerator and without a compile step training never uses.
+
+    On a machine without CUDA DeepSpeed probes for other accelerators and settles on the CPU; ``DS_ACCELERATOR``
+    makes that explicit (it must be set before the first import). Its CPU communication backend JIT-compiles a
+    shared-memory all-reduce op (``deepspeed_shm_comm``, about a minute) that only inference all-reduce uses;
+    training collectives go through torch.distributed (gloo), so the build is skipped.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # importlib: the attribute ``deepspeed.comm.torch`` is the torch package itself, not this submodule.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
+def _cpu_adam_like(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+    """DeepSpeedCPUAdam with the hyper-parameters of ssl3d's Adam/AdamW; None for other optimizers."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return None
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    d = optimizer.defaults
+    return DeepSpeedCPUAdam(
+        params,
+        lr=d["lr"],
+        betas=d["betas"],
+        eps=d["eps"],
+        weight_decay=d["weight_decay"],
+        adamw_mode=isinstance(optimizer, torch.optim.AdamW),
+    )
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if self.ds_config is None:
+            raise ValueError("DeepSpeedStrategy needs a resolved ds_config (ssl3d.ds_config.resolve_ds_config)")
+        deepspeed = import_deepspeed()
+        init_distributed("nccl" if self.device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        config = dict(self.ds_config.deepspeed)
+        self.stage = self.ds_config.zero_stage
+
+        # Order: activation checkpointing (applied by the caller) -> engine (wraps/shards) -> optimizer.
+        model = model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params)
+        if self.ds_config.offload_optimizer.enabled and config.get("zero_force_ds_cpu_optimizer", True):
+            cpu_adam = _cpu_adam_like(optimizer, params)
+            if cpu_adam is None:
+                warnings.warn(
+                    f"zero_optimization.offload_optimizer: {type(optimizer).__name__} has no DeepSpeed CPU "
+                    "version; stepping the torch optimizer on the CPU (slower than DeepSpeedCPUAdam)"
+                )
+                config["zero_force_ds_cpu_optimizer"] = False
+            else:
+                optimizer = cpu_adam
+        if not type(optimizer).__module__.startswith("deepspeed"):
+            config["zero_allow_untested_optimizer"] = True
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.module = self.engine.module
+        self.model = self.engine
+        # Stage 0 in fp32 hands DeepSpeed's step straight to the torch optimizer, which would apply a NaN update;
+        # every other configuration wraps it in a DeepSpeed optimizer that skips non-finite steps itself.
+        self._bare_optimizer = self.engine.optimizer is optimizer
+        self._skip_next = False
+        if self._bare_optimizer:
+            step = optimizer.step
+
+            def guarded_step(*args: Any, **kwargs: Any) -> Any:
+                return None if self._skip_next else step(*args, **kwargs)
+
+            optimizer.step = guarded_step  # type: ignore[method-assign]
+        return self.model, self.optimizer
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        """The loop, not DeepSpeed's micro-step counter, says where the accumulation boundary is."""
+        self.engine.set_gradient_accumulation_boundary(sync)
+        yield
+
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+        configured = self.ds_config.gradient_clipping if self.ds_config else None
+        if (max_grad_norm or None) != configured:
+            raise ValueError(
+                f"DeepSpeed clips with the preset's gradient_clipping ({configured}), step() was asked for "
+                f'{max_grad_norm}; set gradient_clipping to "auto" so it follows train.grad_clip'
+            )
+        norm: torch.Tensor | None = None
+        if self._bare_optimizer:
+            # Gradients were all-reduced at the boundary's backward: the same norm on every rank.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).detach().float().cpu()
+            self._skip_next = not bool(torch.isfinite(norm))
+        self.engine.step()
+        self._skip_next = False
+        if norm is None:
+            value = self.engine.get_global_grad_norm()
+            norm = torch.as_tensor(float("nan") if value is None else value, dtype=torch.float32).detach().cpu()
+        return norm.float()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        # Every rank writes its ZeRO partitions under directory/deepspeed/.
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={}, save_latest=False)
+        save_extra(directory, self.rank, extra)
+
+    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+        require_layout(directory, CHECKPOINT_TAG, self.name)
+        path, _ = self.engine.load_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=False,
+            load_module_only=not load_optimizer,
+        )
+        if path is None:
+            raise RuntimeError(f"{directory}: DeepSpeed could not load the checkpoint under tag {CHECKPOINT_TAG!r}")
+        return load_extra(directory, self.rank)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights (not the bf16 compute copies), gathered from the ZeRO partitions; collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None  # collective under ZeRO
+            if full is None:
+                full = p.data
+            out[clean_name(name)] = full.detach().float().cpu().clone().reshape(self._shape(p))
+        for name, value in self.module.state_dict().items():
+            key = clean_name(name)
+            if key not in out:  # buffers (ZeRO never partitions them)
+                out[key] = value.detach().float().cpu().clone()
+        return out
+
+    @staticmethod
+    def _shape(p: nn.Parameter) -> torch.Size:
+        return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+    def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Full plain-named weights on every rank -> compute copies and fp32 master copies (fresh optimizer).
+
+        Under ZeRO-3 the master partitions are refreshed from the (re-partitioned) compute weights, which is
+        exact in fp32 and rounds the masters to bf16 in a bf16 run. (``safe_set_full_fp32_param`` would be exact
+        but fails on the last rank for parameters whose size is not a multiple of the world size, DeepSpeed 0.19.)
+        """
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        named = dict(self.module.named_parameters())
+        state = match_names({**dict(self.module.named_buffers()), **named}, state)
+        missing = sorted(set(named) - set(state))
+        if missing:
+            raise KeyError(f"load_model_weights: {len(missing)} parameters missing, e.g. {clean_name(missing[0])}")
+        if self.stage == 3:
+            with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0), torch.no_grad():
+                for name, p in named.items():
+                    p.data.copy_(state[name].to(p.device, p.dtype).reshape(p.shape))
+            self.engine.optimizer.refresh_fp32_params()
+        else:
+            with torch.no_grad():
+                for name, p in named.items():
+                    p.data.copy_(state[name].to(p.device, p.dtype).reshape(p.shape))
+            for name, p in named.items():
+                # The optimizer's fp32 master copy, when there is one (ZeRO-1/2, bf16): exact, not bf16-rounded.
+                safe_set_full_fp32_param(p, state[name].to(self.device, torch.float32).reshape(p.shape))
+        with torch.no_grad():
+            for name, b in self.module.named_buffers():
+                if name in state:
+                    b.copy_(state[name].to(b.device, b.dtype))

@@ -1,0 +1,73 @@
+"""Process-group set-up from the environment that torchrun and the deepspeed launcher both provide.
+
+Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (the deepspeed launcher also
+passes ``--local_rank``, which the CLI accepts and ignores). A plain ``python`` run has none of them: it is one
+process, and a group of one is created only when a backend needs one (FSDP2 and DeepSpeed always do).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def dist_env() -> DistEnv:
+    """This process's place in the job, read from the launcher's variables (one process when unset)."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for single-process groups and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    """nccl when this process drives a GPU, gloo on the CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None) -> DistEnv:
+    """Join the process group described by the environment; a no-op when it already exists.
+
+    Without launcher variables a group of one process is created on a free local port, so FSDP2 and DeepSpeed
+    (which always need a group) also run under plain ``python``.
+    """
+    env = dist_env()
+    if dist.is_initialized():
+        return env
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"distributed run (WORLD_SIZE={env.world_size}) without {', '.join(missing)}: "
+            "start it with torchrun or the deepspeed launcher, which set them"
+        )
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    return env
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()

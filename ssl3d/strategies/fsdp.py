@@ -1,0 +1,143 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer states sharded over ranks.
+
+One FSDP unit per Swin block (or per stage) plus the root, so only one unit's full parameters exist at a time.
+Parameters become DTensors; the optimizer is built on them after sharding. Checkpoints go through
+``torch.distributed.checkpoint`` with plain parameter names, so they can be loaded at another world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl3d.ds_config import FSDPOptions
+from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout
+from ssl3d.strategies.single import load_extra, save_extra
+
+
+def shard_units(model: nn.Module, shard: str) -> list[nn.Module]:
+    """The modules that become FSDP units: Swin blocks (``block``) or whole stages (``stage``).
+
+    A block wrapped for activation checkpointing is sharded as its wrapper, so the recomputation in backward
+    happens inside the unit whose parameters are gathered.
+    """
+    from monai.networks.nets.swin_unetr import BasicLayer, SwinTransformerBlock
+
+    target = SwinTransformerBlock if shard == "block" else BasicLayer
+    units: list[nn.Module] = []
+    wrapped: set[int] = set()
+    for module in model.modules():
+        inner = getattr(module, "_checkpoint_wrapped_module", None)
+        if isinstance(inner, target):
+            units.append(module)
+            wrapped.add(id(inner))
+    units += [m for m in model.modules() if isinstance(m, target) and id(m) not in wrapped]
+    if not units:
+        raise RuntimeError(f'fsdp.shard "{shard}": the model has no {target.__name__} modules to shard')
+    return units
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, *args: Any, options: FSDPOptions | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.options = options or (self.ds_config.fsdp if self.ds_config else FSDPOptions())
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        # Order: activation checkpointing (applied by the caller) -> shard blocks, then the root -> optimizer.
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mp = MixedPrecisionPolicy()  # fp32: no casts
+        if self.dtype != torch.float32:
+            # Compute in bf16, but reduce gradients in fp32 so the average over ranks loses nothing.
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.options.cpu_offload else None
+        kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload or OffloadPolicy()}
+        if not self.options.cpu_offload:
+            model = model.to(self.device)
+        for unit in shard_units(model, self.options.shard):
+            fully_shard(unit, reshard_after_forward=self.options.reshard_after_forward, **kwargs)
+        # The root keeps its (small) parameters gathered after forward: backward needs them at once.
+        fully_shard(model, reshard_after_forward=False, **kwargs)
+        self.model = model
+        self.optimizer = make_optimizer(model.parameters())
+        return self.model, self.optimizer
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # MixedPrecisionPolicy casts parameters and inputs to the compute dtype itself.
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        """Keep unsharded gradients locally on all but the last micro-batch; reduce-scatter on the last."""
+        self.model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        assert self.optimizer is not None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # sum of the shards' squares over ranks, then the root
+        finite = bool(torch.isfinite(norm))
+        if finite and max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=Path(directory) / "dcp")
+        save_extra(directory, self.rank, extra)
+
+    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = require_layout(directory, "dcp", self.name)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state} if load_optimizer else {"model": model_state}
+        dcp.load(state, checkpoint_id=path)  # reshards to this run's world size
+        set_state_dict(
+            self.model,
+            self.optimizer if load_optimizer else [],
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optimizer", {}),
+        )
+        return load_extra(directory, self.rank)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)  # collective; rank 0 gets the tensors
+        return {clean_name(k): v.detach().float().cpu().clone() for k, v in state.items()}
+
+    def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Full plain-named weights present on every rank -> this rank's shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, {clean_name(k): v for k, v in state.items()}, options=options)

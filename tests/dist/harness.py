@@ -1,0 +1,277 @@
+"""Run the same deterministic training on one process and on 2 gloo processes, for every backend.
+
+Every rank takes its half of a fixed random GLOBAL batch, so with a per-sample-mean loss the data-parallel run
+computes exactly the single-process gradient up to float summation order. The loss is built from all three
+heads of the tiny model (L1 reconstruction + rotation cross-entropy + mean contrastive embedding); the real SSL
+augmentations and losses are tested elsewhere.
+
+One spawn per backend runs all of that backend's scenarios in sequence (process start-up and imports dominate
+on 2 cores); rank 0 writes the results to ``<out>/<backend>.pt``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ssl3d.config import Config, ModelConfig, OptimConfig
+from ssl3d.model.ssl_model import build_model
+
+TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24), window_size=4, decoder="deconv")
+CROP = (64, 64, 32)  # smallest crop with the 2 last-stage tokens the rotation and contrastive heads read
+CONTRASTIVE_DIM = 32
+LR = 1e-3
+# Adam's eps: gradients that are pure rounding noise (the softmax makes the attention key bias's true gradient
+# exactly 0) sit near the default eps of 1e-8, where Adam turns a 1e-7 relative summation-order difference into
+# an O(lr) step. With eps = 1e-6 those updates stay tiny while real gradients (>= 1e-4 here) see plain Adam.
+ADAM_EPS = float(os.environ.get("SSL3D_TEST_ADAM_EPS", "1e-6"))
+GRAD_CLIP = 1.0
+WORLD = 2
+MICRO = 2  # samples per rank per micro-batch; one process takes WORLD x MICRO
+STEPS = 3
+SAVE_AFTER = 2  # the "plain" scenario checkpoints after this many steps; "resume" continues from there
+
+
+@dataclass
+class Scenario:
+    name: str
+    grad_accum: int = 1
+    checkpointing: bool = False
+    nan_step: int | None = None  # make this step's loss NaN: the update must be skipped
+    save_after: int | None = None
+    resume_from: str | None = None  # a scenario whose checkpoint to load (then run the remaining steps)
+    load_weights_from: str | None = None  # round-trip that scenario's full_state_dict through load_model_weights
+
+
+SCENARIOS = {
+    "plain": Scenario("plain", save_after=SAVE_AFTER),
+    "accum2": Scenario("accum2", grad_accum=2),
+    "ckpt": Scenario("ckpt", grad_accum=2, checkpointing=True),
+    "nan": Scenario("nan", nan_step=1),
+    "resume": Scenario("resume", resume_from="plain"),
+    "load_weights": Scenario("load_weights", load_weights_from="plain"),
+}
+
+
+@dataclass
+class Job:
+    backend: str  # a name for the results file
+    preset: dict[str, Any]  # the ds_config (DeepSpeed vocabulary)
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    world: int = WORLD
+    micro: int = MICRO
+    checkpoint_dir: str | None = None  # resume from here instead of the job's own "plain" checkpoint
+
+
+def global_batches(grad_accum: int, world: int = WORLD, micro: int = MICRO) -> torch.Tensor:
+    """[STEPS, grad_accum, WORLD x MICRO, 1, *CROP]: the same numbers for any split over processes."""
+    assert world * micro == WORLD * MICRO, "every run sees the same global batch"
+    g = torch.Generator().manual_seed(1234 + grad_accum)
+    return torch.rand(STEPS, grad_accum, WORLD * MICRO, 1, *CROP, generator=g)
+
+
+def deterministic_loss(model: torch.nn.Module, x: torch.Tensor, first_index: int) -> torch.Tensor:
+    out = model(x)
+    labels = (torch.arange(x.shape[0]) + first_index) % 4
+    return (
+        F.l1_loss(out.reconstruction.float(), x)
+        + F.cross_entropy(out.rotation.float(), labels.to(x.device))
+        + out.contrastive.float().mean()
+    )
+
+
+def apply_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing on every Swin block (what ssl3d.memory will apply)."""
+    from monai.networks.nets.swin_unetr import SwinTransformerBlock
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: isinstance(m, SwinTransformerBlock),
+    )
+
+
+def run_config(grad_accum: int, micro: int) -> Config:
+    cfg = Config()
+    cfg.model = TINY
+    cfg.optim = OptimConfig(name="adamw", lr=LR, weight_decay=0.1, schedule="constant")
+    cfg.train.batch_size = micro
+    cfg.train.grad_accum = grad_accum
+    cfg.train.grad_clip = GRAD_CLIP
+    cfg.train.precision = "fp32"
+    cfg.train.device = "cpu"
+    return cfg
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(list(params), lr=LR, eps=ADAM_EPS, weight_decay=0.1)
+
+
+def make_strategy(preset: dict[str, Any], sc: Scenario, world: int, micro: int):
+    from ssl3d.ds_config import resolve_ds_config
+    from ssl3d.strategies import strategy_from_ds_config
+
+    cfg = run_config(sc.grad_accum, micro)
+    ds = resolve_ds_config(preset, cfg, world_size=world, device_type="cpu", auto_precision="fp32")
+    strategy = strategy_from_ds_config(ds, torch.device("cpu"))
+    torch.manual_seed(0)  # the same initial weights on every rank and in the reference
+    model = build_model(TINY, CONTRASTIVE_DIM)
+    if sc.checkpointing:
+        apply_checkpointing(model)
+    wrapped, _ = strategy.setup(model, make_optimizer)
+    return strategy, wrapped
+
+
+def train(
+    strategy,
+    model,
+    sc: Scenario,
+    rank: int,
+    world: int,
+    micro: int,
+    first_step: int,
+    ckpt_root: Path | None,
+    on_step: Any = None,
+):
+    """Steps ``first_step..STEPS-1``; returns per-step gradient norms and mean losses (this rank's)."""
+    from ssl3d.checkpoint import CheckpointManager
+
+    data = global_batches(sc.grad_accum, world, micro)
+    norms, losses = [], []
+    for step in range(first_step, STEPS):
+        strategy.set_lr(LR)
+        total = 0.0
+        for m in range(sc.grad_accum):
+            sync = m == sc.grad_accum - 1
+            x = data[step, m, rank * micro : (rank + 1) * micro]
+            with strategy.accumulate(sync):
+                with strategy.autocast():
+                    loss = deterministic_loss(model, x, rank * micro)
+                if sc.nan_step == step:
+                    loss = loss * float("nan")
+                strategy.backward(loss, sync=sync)
+            total += float(loss.detach()) / sc.grad_accum
+        norms.append(float(strategy.step(GRAD_CLIP)))
+        losses.append(total)
+        if on_step is not None:
+            on_step(step)
+        if sc.save_after == step + 1 and ckpt_root is not None:
+            extra = {"step": step + 1, "rank": rank}
+            CheckpointManager(ckpt_root, strategy).save(step + 1, extra)
+    return norms, losses
+
+
+def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str, Any]) -> dict[str, Any]:
+    from ssl3d.checkpoint import CheckpointManager
+
+    t0 = time.perf_counter()
+    strategy, model = make_strategy(job.preset, sc, job.world, job.micro)
+    result: dict[str, Any] = {}
+    first = 0
+    if sc.resume_from:
+        root = Path(job.checkpoint_dir) if job.checkpoint_dir else out / f"{job.backend}_{sc.resume_from}_ckpt"
+        folder = CheckpointManager(root, strategy).latest()
+        assert folder is not None, f"no checkpoint under {root}"
+        extra = strategy.load(folder)
+        first = int(extra["step"])
+    if sc.load_weights_from:
+        # full_state_dict() is meaningful on rank 0: go through a file, as a user starting from weights would.
+        path = out / f"{job.backend}_{sc.load_weights_from}_weights.pt"
+        if rank == 0:
+            torch.save(states[sc.load_weights_from], path)
+        strategy.barrier()
+        strategy.load_model_weights(torch.load(path, weights_only=True))
+        result.update(norms=[], losses=[])
+    else:
+        ckpt_root = out / f"{job.backend}_{sc.name}_ckpt" if sc.save_after else None
+        norms, losses = train(strategy, model, sc, rank, job.world, job.micro, first, ckpt_root)
+        result.update(norms=norms, losses=losses)
+    state = strategy.full_state_dict()  # collective
+    result["state"] = state
+    result["seconds"] = time.perf_counter() - t0
+    result["memory"] = strategy.memory_report()
+    return result
+
+
+def worker(rank: int, job: Job, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(job.world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    # DeepSpeed 0.19 calls c10d functions that torch 2.13 deprecates, once per collective.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    out_dir = Path(out)
+    results: dict[str, Any] = {}
+    states: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        for name in job.scenarios:
+            sc = SCENARIOS[name]
+            try:
+                res = run_scenario(job, sc, rank, out_dir, states)
+                states[name] = res["state"]
+            except Exception:  # noqa: BLE001 - reported per scenario, the others still run
+                res = {"error": traceback.format_exc()}
+                if job.world > 1:
+                    raise  # a failed collective would leave the other rank hanging; fail the whole job
+            results[name] = res
+    finally:
+        results["_seconds"] = time.perf_counter() - t0
+        if rank == 0:
+            torch.save(results, out_dir / f"{job.backend}.pt")
+        torch.distributed.destroy_process_group()
+
+
+def spawn(job: Job, out: Path) -> dict[str, Any]:
+    """Run ``job`` on ``job.world`` fresh processes; returns rank 0's results."""
+    import torch.multiprocessing as mp
+
+    from ssl3d.strategies.distributed import free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(worker, args=(job, free_port(), str(out)), nprocs=job.world, join=True)
+    return torch.load(out / f"{job.backend}.pt", weights_only=False)
+
+
+def reference(scenarios: list[str]) -> dict[str, Any]:
+    """The same scenarios on one process (SingleStrategy) with the whole global batch per micro-batch."""
+    from ssl3d.strategies.single import SingleStrategy
+
+    results: dict[str, Any] = {}
+    for name in scenarios:
+        sc = replace(SCENARIOS[name], checkpointing=False, save_after=None)
+        strategy = SingleStrategy(torch.device("cpu"), torch.float32, grad_accum=sc.grad_accum)
+        torch.manual_seed(0)
+        model = build_model(TINY, CONTRASTIVE_DIM)
+        wrapped, _ = strategy.setup(model, make_optimizer)
+        snapshots = []
+
+        def snapshot(step: int, strategy=strategy, snapshots=snapshots) -> None:
+            optim = {
+                i: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                for i, s in strategy.optimizer.state_dict()["state"].items()
+            }
+            snapshots.append((strategy.full_state_dict(), optim))
+
+        norms, losses = train(strategy, wrapped, sc, 0, 1, WORLD * MICRO, 0, None, on_step=snapshot)
+        results[name] = {"norms": norms, "losses": losses, "state": strategy.full_state_dict(), "snapshots": snapshots}
+    return results
