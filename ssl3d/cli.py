@@ -234,6 +234,18 @@ def run_data(a: argparse.Namespace) -> int:
 
         path = fetch_samples(Path(a.dir))
         print(f"ssl3d: smoke-test CT samples and their datalist: {path}")
+    elif a.data_cmd == "prepare":
+        from ssl3d.data.prepare import run_prepare
+
+        return run_prepare(a)
+    elif a.data_cmd == "cache":
+        from ssl3d.data.prepcache import build_prepcache
+
+        cfg = build_config(a)
+        info = build_prepcache(
+            cfg, a.rank, a.world_size, workers=a.workers, storage=cfg.data.prepcache_storage, progress=True
+        )
+        print("ssl3d: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
     elif a.data_cmd == "demo":
         from ssl3d.data.demo import write_demo_dataset
 
@@ -255,6 +267,16 @@ def make_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("samples", help="fetch real public CT smoke-test samples from PyPI sdists, as NIfTI")
     s.add_argument("dir")
+    from ssl3d.data.prepare import add_prepare_arguments
+
+    add_prepare_arguments(
+        dsub.add_parser("prepare", help="convert DICOM series / NIfTI / NRRD / MetaImage to NIfTI plus a datalist")
+    )
+    c = dsub.add_parser("cache", help="fill the preprocessing cache (data.dataset=prepcache) ahead of training")
+    add_run_flags(c)
+    c.add_argument("--rank", type=int, default=0, help="build every world-size-th volume from this one")
+    c.add_argument("--world-size", type=int, default=1)
+    c.add_argument("--workers", type=int, default=2)
     m = dsub.add_parser("demo", help="write the built-in synthetic CT volumes and their datalist")
     m.add_argument("dir")
     m.add_argument("--volumes", type=int, default=6)

@@ -63,7 +63,10 @@ class DataConfig:
     spacing: tuple[float, float, float] | None = None  # resample to this spacing (mm); None keeps voxels
     dataset: Literal["plain", "cache", "smart_cache", "persistent", "prepcache"] = "plain"
     cache_rate: float = 0.5
-    cache_dir: str | None = None  # persistent dataset folder; default <logdir>/cache
+    cache_dir: str | None = (
+        None  # on-disk caches (persistent, prepcache), shareable between runs; default <logdir>/cache
+    )
+    prepcache_storage: Literal["float16", "uint8"] = "float16"  # how the "prepcache" kind stores volumes
     num_workers: int = 4
     demo_dir: str | None = None  # where demo volumes are written; default <logdir>/../demo_data
     demo_volumes: int = 6

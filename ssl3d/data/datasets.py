@@ -320,7 +320,7 @@ def _prepcache(
     """
     if d.dataset != "prepcache":
         return None
-    cache = PrepCache(prepcache_root(cfg), d, storage=getattr(d, "prepcache_storage", "float16"))
+    cache = PrepCache(prepcache_root(cfg), d, storage=d.prepcache_storage)
     cache.build_all([e["image"] for e in items[rank::world_size]], workers=workers, progress=progress)
     return cache
 
