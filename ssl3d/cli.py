@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl3d.config import Config, ConfigError, load_config
+from ssl3d.data.faults import BadVolumeError
 from ssl3d.trainer import TrainingStopped
 
 EXIT_USAGE = 2
@@ -213,6 +214,10 @@ def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
                 f"ssl3d: done: {summary['steps']} steps, loss {first['total']:.4f} -> {last['total']:.4f}; "
                 f"logs and checkpoints in {cfg.train.logdir}; encoder for fine-tuning: {summary['export']}"
             )
+            if summary["bad_volumes"]:
+                print(f"ssl3d: {len(summary['bad_volumes'])} unusable volumes were skipped and replaced:")
+                for line, n in sorted(summary["bad_volumes"].items()):
+                    print(f"  {line} (replaced {n}x)")
     finally:
         strategy.teardown()
     return 0
@@ -226,6 +231,24 @@ def run_export(a: argparse.Namespace) -> int:
     out = export_swinvit(state, Path(a.output))
     print(f"ssl3d: wrote {out} ({sum(1 for k in state if k.startswith('swinViT.'))} encoder tensors)")
     return 0
+
+
+def run_data_check(a: argparse.Namespace) -> int:
+    """Load every entry of a datalist through the training chain; one line per unusable volume."""
+    from ssl3d.config import DataConfig, DatalistConfig
+    from ssl3d.data.datalist import load_datalists
+    from ssl3d.data.faults import check_datalist_entries
+    from ssl3d.data.transforms import build_guarded_load
+
+    lists = [DatalistConfig(json=j, root=r or None) for j, _, r in (d.partition(":") for d in a.datalist)]
+    data = DataConfig(datalists=lists, roi=(32, 32, 32), min_size=a.min_size)
+    training, validation = load_datalists(data, check_files=False)
+    entries = training + validation
+    bad = check_datalist_entries(entries, build_guarded_load(data))
+    for line in bad:
+        print(f"bad: {line}")
+    print(f"ssl3d: {len(entries)} volumes checked, {len(bad)} unusable")
+    return 1 if bad else 0
 
 
 def run_data(a: argparse.Namespace) -> int:
@@ -246,6 +269,8 @@ def run_data(a: argparse.Namespace) -> int:
             cfg, a.rank, a.world_size, workers=a.workers, storage=cfg.data.prepcache_storage, progress=True
         )
         print("ssl3d: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
+    elif a.data_cmd == "check":
+        return run_data_check(a)
     elif a.data_cmd == "demo":
         from ssl3d.data.demo import write_demo_dataset
 
@@ -277,6 +302,9 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=0, help="build every world-size-th volume from this one")
     c.add_argument("--world-size", type=int, default=1)
     c.add_argument("--workers", type=int, default=2)
+    k = dsub.add_parser("check", help="load every volume of datalists and report each unusable one (exit 1)")
+    k.add_argument("datalist", nargs="+", help="dataset JSON, optionally JSON:ROOT")
+    k.add_argument("--min-size", type=int, default=16, help="an axis shorter than this many voxels is unusable")
     m = dsub.add_parser("demo", help="write the built-in synthetic CT volumes and their datalist")
     m.add_argument("dir")
     m.add_argument("--volumes", type=int, default=6)
@@ -294,6 +322,11 @@ def guarded(fn, *args: Any) -> int:
     except FileNotFoundError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"ssl3d: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except BadVolumeError as exc:
+        # Raised in a loader worker, the message carries the worker's traceback: keep its last line.
+        line = str(exc).strip().splitlines()[-1]
+        print(f"ssl3d: error: unusable volume {line.split('BadVolumeError: ', 1)[-1]}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as exc:
         print(f"ssl3d: stopped: {exc}", file=sys.stderr)

@@ -68,6 +68,8 @@ class DataConfig:
     )
     prepcache_storage: Literal["float16", "uint8"] = "float16"  # how the "prepcache" kind stores volumes
     num_workers: int = 4
+    on_bad_volume: Literal["skip", "fail"] = "skip"  # missing/corrupt/2D/constant/tiny volumes
+    min_size: int = 16  # voxels; a volume with a shorter axis is bad (larger ones below the ROI are padded)
     demo_dir: str | None = None  # where demo volumes are written; default <logdir>/../demo_data
     demo_volumes: int = 6
 
@@ -337,6 +339,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"data.spacing: got {list(d.spacing)}, expected three positive spacings in mm")
     if not 0.0 < d.cache_rate <= 1.0:
         p.append(f"data.cache_rate: got {d.cache_rate}, expected a value in (0, 1]")
+    if d.min_size < 1:
+        p.append(f"data.min_size: got {d.min_size}, expected at least 1 voxel")
     if d.num_workers < 0:
         p.append(f"data.num_workers: got {d.num_workers}, expected 0 or more")
     if d.demo_volumes < 2:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ssl3d.checkpoint import CheckpointManager, export_swinvit, load_init_weights, resolve_resume
 from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
+from ssl3d.data.faults import BAD, BadVolumeError
 from ssl3d.logger import RunLogger
 from ssl3d.model import build_model
 from ssl3d.optim import build_optimizer, lr_at
@@ -28,6 +29,7 @@ from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
 from ssl3d.strategies import Strategy
 
 LOSS_KEYS = ("total", "rotation", "contrastive", "reconstruction")
+MAX_LOADER_RESTARTS = 3
 
 
 class TrainingStopped(RuntimeError):
@@ -63,6 +65,19 @@ def prepare_demo_data(cfg: Config, strategy: Strategy) -> None:
     cfg.data = resolve_data_config(cfg)
 
 
+def _merge_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Sum per-rank counters on every rank (a no-op on one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(counts)
+    gathered: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, counts)
+    merged: dict[str, int] = {}
+    for part in gathered:
+        for key, n in part.items():
+            merged[key] = merged.get(key, 0) + n
+    return merged
+
+
 class Trainer:
     def __init__(self, cfg: Config, strategy: Strategy):
         self.cfg = cfg
@@ -91,6 +106,7 @@ class Trainer:
         self.state = LoopState()
         self.checkpoints = CheckpointManager(self.logdir / "checkpoints", strategy, keep=cfg.train.keep_checkpoints)
         self.planted_nan = _planted_nan_steps()
+        self.bad_volumes: dict[str, int] = {}  # "<path>: <reason>" -> times replaced (this rank)
         resume = resolve_resume(cfg.train.resume, self.logdir / "checkpoints")
         if resume is not None:
             self._resume(resume)
@@ -127,14 +143,37 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------------------
     def _batches(self):
-        """Endless batches; the (epoch, batch) position is tracked so a resume continues the data order."""
+        """Endless batches; the (epoch, batch) position is tracked so a resume continues the data order.
+
+        A loader worker that dies (out of host memory, a crashing reader) does not end the run: the loader is
+        restarted at the same position, up to ``MAX_LOADER_RESTARTS`` times in a row."""
+        restarts = 0
         while True:
             self.train_loader.set_epoch(self.state.epoch, self.state.batch_in_epoch)
-            for batch in self.train_loader:
-                self.state.batch_in_epoch += 1
-                yield batch["image"].to(self.device, non_blocking=True)
+            try:
+                for batch in self.train_loader:
+                    self.state.batch_in_epoch += 1
+                    restarts = 0
+                    self._note_bad_volumes(batch)
+                    yield batch["image"].to(self.device, non_blocking=True)
+            except BadVolumeError:
+                raise
+            except RuntimeError as exc:
+                if "DataLoader worker" not in str(exc) or restarts >= MAX_LOADER_RESTARTS:
+                    raise
+                restarts += 1
+                warnings.warn(f"a data loader worker died ({str(exc).splitlines()[0]}); restarting the loader")
+                self.train_loader.restart_workers()
+                continue
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
+
+    def _note_bad_volumes(self, batch: dict[str, Any]) -> None:
+        for line in batch.get(BAD, []):
+            if line:
+                if line not in self.bad_volumes:
+                    warnings.warn(f"skipping unusable volume {line}")
+                self.bad_volumes[line] = self.bad_volumes.get(line, 0) + 1
 
     # -- validation ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,6 +188,7 @@ class Trainer:
             if self.cfg.train.max_val_batches is not None and i >= self.cfg.train.max_val_batches:
                 break
             x = batch["image"].to(self.device)
+            self._note_bad_volumes(batch)
             # Every rank runs the same number of batches (sharded backends need it); crops of volumes repeated
             # to even out the ranks are marked invalid and left out of the mean.
             valid = batch.get("valid", torch.ones(x.shape[0], dtype=torch.bool)).to(self.device)
@@ -281,6 +321,7 @@ class Trainer:
     def finish(self, last_val: dict[str, float]) -> dict[str, Any]:
         """Export the encoder for fine-tuning and write a summary next to the logs."""
         weights = self.strategy.full_state_dict()
+        bad = _merge_counts(self.bad_volumes)
         summary: dict[str, Any] = {}
         if self.strategy.is_main:
             export_path = export_swinvit(weights, self.logdir / "model_swinvit.pt")
@@ -292,6 +333,7 @@ class Trainer:
                 "validation": last_val,
                 "best_val_reconstruction": self.state.best_val,
                 "skipped_steps": self.state.skipped_steps,
+                "bad_volumes": bad,
                 "export": str(export_path),
                 "memory": self.strategy.memory_report(),
             }

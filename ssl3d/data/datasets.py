@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ssl3d.config import Config, DataConfig, DatalistConfig
 from ssl3d.data.datalist import load_datalists
 from ssl3d.data.demo import write_demo_dataset
+from ssl3d.data.faults import BAD, BadVolumeError
 from ssl3d.data.prepcache import PrepCache, PrepCacheDataset, prepcache_root
-from ssl3d.data.transforms import build_crop_transforms, build_load_transforms
+from ssl3d.data.transforms import build_crop_transforms, build_guarded_load
 
 log = logging.getLogger(__name__)
 
@@ -145,22 +146,50 @@ class CropDataset(Dataset):
         stream: int,
         seed: int,
         with_valid: bool = False,
+        on_bad: str = "skip",
     ):
         self.base, self.crops, self.plan, self.stream, self.seed = base, crops, plan, stream, seed
         self.volume_ids = volume_ids  # global ids of the volumes this rank's base dataset holds
         self.with_valid = with_valid
+        self.on_bad = on_bad  # data.on_bad_volume
         self.num_items = plan.num_items  # items per epoch on this rank
+        self.known_bad: dict[int, str] = {}  # per worker: bad volumes are not read again
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def _load(self, index: int) -> tuple[dict[str, Any] | None, str]:
+        """The item at ``index``, or None and why it is unusable."""
+        if index in self.known_bad:
+            return None, self.known_bad[index]
+        try:
+            item = self.base[index]
+        except BadVolumeError as exc:
+            item = {BAD: str(exc)}
+        if item.get(BAD):
+            self.known_bad[index] = item[BAD]
+            return None, item[BAD]
+        return item, ""
+
     def __getitem__(self, key: tuple[int, int, bool]) -> list[dict[str, Any]]:
         index, seed, valid = key
-        item = self.base[index]
+        item, bad = self._load(index)
+        if item is None:
+            if self.on_bad == "fail":
+                raise BadVolumeError(f'{bad} (data.on_bad_volume is "fail"; "skip" replaces such volumes)')
+            # Replace it by the next usable volume; the same one every time, so runs stay reproducible.
+            for step in range(1, len(self.base)):
+                item, _ = self._load((index + step) % len(self.base))
+                if item is not None:
+                    break
+            if item is None:
+                raise BadVolumeError(f"every volume of this rank is unusable, e.g. {bad}")
+            valid = False  # a validation mean must not count the stand-in
         self.crops.set_random_state(seed=seed)
         out = self.crops(item)
-        if self.with_valid:
-            for d in out:
+        for d in out:
+            d[BAD] = bad
+            if self.with_valid:
                 d["valid"] = valid
         return out
 
@@ -218,8 +247,9 @@ def build_datasets(cfg: Config, rank: int = 0, world_size: int = 1, start_epoch:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     d = resolve_data_config(cfg)
     seed = cfg.train.seed
-    training, validation = load_datalists(d, seed=seed)
-    load, crops = build_load_transforms(d), build_crop_transforms(d)
+    # Missing files stop the run up front only under "fail"; under "skip" they are replaced like broken ones.
+    training, validation = load_datalists(d, seed=seed, check_files=d.on_bad_volume == "fail")
+    load, crops = build_guarded_load(d), build_crop_transforms(d)
     workers = _cache_threads(d)
     progress = cfg.train.progress and rank == 0
     kind = d.dataset
@@ -272,7 +302,7 @@ def build_datasets(cfg: Config, rank: int = 0, world_size: int = 1, start_epoch:
                 progress=progress,
                 copy_cache=False,
             )
-    train = CropDataset(base, crops, plan, ids, TRAIN_STREAM, seed)
+    train = CropDataset(base, crops, plan, ids, TRAIN_STREAM, seed, on_bad=d.on_bad_volume)
 
     # Validation: in order, split across ranks, every rank caching only its share.
     local_val = even_partition(list(range(len(validation))), rank, world_size)
@@ -293,6 +323,7 @@ def build_datasets(cfg: Config, rank: int = 0, world_size: int = 1, start_epoch:
         VAL_STREAM,
         seed,
         with_valid=True,
+        on_bad=d.on_bad_volume,
     )
     return Datasets(train=train, val=val, data=d, smart=smart_cache)
 
@@ -402,6 +433,10 @@ class TrainLoader:
             self.smart.sync(epoch)
         yield from self.loader
         self.sampler.set_epoch(epoch + 1, 0)
+
+    def restart_workers(self) -> None:
+        """Drop the worker pool after a worker died; the next iteration starts fresh workers."""
+        self.loader._iterator = None  # DataLoader keeps persistent workers here; a dead pool cannot be reused
 
     def close(self) -> None:
         """Stop the smart cache's replacement thread (loader workers end with the loader)."""

@@ -39,7 +39,8 @@ from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from ssl3d.config import Config, DataConfig
-from ssl3d.data.transforms import KEY, build_load_transforms
+from ssl3d.data.faults import BAD, BadVolumeError, GuardedLoad
+from ssl3d.data.transforms import KEY, build_guarded_load
 
 CACHE_VERSION = 1
 Storage = Literal["float16", "uint8"]
@@ -80,7 +81,7 @@ class PrepCache:
         self.folder = Path(root).expanduser() / f"prepcache-{digest}"
         self.storage = storage
         self.data = data
-        self._load: Compose | None = None
+        self._load: GuardedLoad | None = None
         # uint8 spans the output range and 0, the value SpatialPadd pads with.
         self.lo = min(data.b_min, data.b_max, 0.0)
         self.hi = max(data.b_min, data.b_max, 0.0)
@@ -134,8 +135,11 @@ class PrepCache:
         if entry.exists():
             return False
         if self._load is None:
-            self._load = build_load_transforms(self.data)
-        volume = self._load({KEY: image})[KEY]  # float32 [1, X, Y, Z]
+            self._load = build_guarded_load(self.data)
+        loaded = self._load({KEY: image})
+        if loaded.get(BAD):
+            raise BadVolumeError(loaded[BAD])
+        volume = loaded[KEY]  # float32 [1, X, Y, Z]
         array = volume.numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
         self._write_settings()
         return _publish(entry, self._encode(array))
@@ -165,7 +169,11 @@ class PrepCache:
             bar = tqdm(total=len(todo), desc=f"prepcache {self.folder.name}", unit="vol", dynamic_ncols=True)
 
         def one(item: tuple[str, Path]) -> bool:
-            won = self.build(*item)
+            try:
+                won = self.build(*item)
+            except BadVolumeError:  # left out of the cache; the dataset applies data.on_bad_volume when used
+                counts["bad"] = counts.get("bad", 0) + 1
+                won = True
             if bar is not None:
                 bar.update(1)
             return won

@@ -22,6 +22,7 @@ from monai.transforms import (
 )
 
 from ssl3d.config import DataConfig
+from ssl3d.data.faults import CheckVolumed, GuardedLoad
 
 KEY = "image"
 
@@ -31,6 +32,7 @@ def build_load_transforms(cfg: DataConfig) -> Compose:
     roi = list(cfg.roi)
     chain: list = [
         LoadImaged(keys=KEY, reader="NibabelReader", ensure_channel_first=True, image_only=True),
+        CheckVolumed(keys=KEY, min_size=cfg.min_size),  # 2D, constant, tiny: bad before padding hides it
         Orientationd(keys=KEY, axcodes="RAS", labels=None),  # labels from the image's space: RAS with nibabel
     ]
     if cfg.spacing is not None:
@@ -56,6 +58,12 @@ def build_load_transforms(cfg: DataConfig) -> Compose:
         EnsureTyped(keys=KEY, data_type="tensor", dtype=torch.float32, track_meta=False),
     ]
     return Compose(chain)
+
+
+def build_guarded_load(cfg: DataConfig) -> GuardedLoad:
+    """The deterministic chain, with a file that fails anywhere in it turned into an item marked "bad"
+    (the dataset then applies ``data.on_bad_volume``)."""
+    return GuardedLoad(build_load_transforms(cfg))
 
 
 def build_crop_transforms(cfg: DataConfig) -> Compose:

@@ -81,16 +81,30 @@ def test_every_demo_volume_gives_roi_crops_even_when_thinner_than_the_roi(demo: 
     assert min(nib.load(p).shape[2] for p in _images(demo)) < 64
 
 
-def test_resampling_and_all_air_volume(tmp_path: Path) -> None:
+def test_all_air_volume_is_unusable_and_named(tmp_path: Path) -> None:
     import nibabel as nib
+
+    from ssl3d.data.transforms import build_guarded_load
 
     air = tmp_path / "air.nii.gz"
     nib.save(nib.Nifti1Image(np.full((40, 30, 20), -1000, np.int16), np.diag([2.0, 2.0, 5.0, 1.0])), air)
     d = DataConfig(roi=(32, 32, 32), spacing=(1.0, 1.0, 1.0))
-    loaded = build_load_transforms(d)({"image": str(air)})
+    loaded = build_guarded_load(d)({"image": str(air)})
+    assert loaded["image"] is None and loaded["bad"].startswith(f"{air}: ") and "constant" in loaded["bad"]
+
+
+def test_air_around_a_small_body_is_padded_to_the_roi(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    vol = np.full((40, 30, 20), -1000, np.int16)
+    vol[18:22, 14:16, 9:11] = 40  # a few voxels of tissue: the foreground box is far below the ROI
+    path = tmp_path / "speck.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 5.0, 1.0])), path)
+    d = DataConfig(roi=(32, 32, 32), spacing=(1.0, 1.0, 1.0))
+    loaded = build_load_transforms(d)({"image": str(path)})
     assert tuple(loaded["image"].shape) >= (1, 32, 32, 32)
     crops = build_crop_transforms(d)(loaded)
-    assert tuple(crops[0]["image"].shape) == (1, 32, 32, 32) and float(crops[0]["image"].max()) < 1e-6
+    assert tuple(crops[0]["image"].shape) == (1, 32, 32, 32)
 
 
 def test_spacing_resamples(demo: Path, tmp_path: Path) -> None:
@@ -99,9 +113,11 @@ def test_spacing_resamples(demo: Path, tmp_path: Path) -> None:
     path = _images(demo)[0]
     chain = build_load_transforms(DataConfig(roi=(32, 32, 32), spacing=(7.0, 7.0, 7.0))).transforms
     assert not any(isinstance(t, Spacingd) for t in build_load_transforms(DataConfig()).transforms)
-    resampled = Compose(chain[:3])({"image": path})["image"]  # load, orient, resample (metadata still on)
+    resampled = Compose([chain[0], chain[2], chain[3]])({"image": path})[
+        "image"
+    ]  # load, orient, resample
     assert torch.allclose(resampled.pixdim, torch.tensor([7.0, 7.0, 7.0], dtype=resampled.pixdim.dtype))
-    original = Compose(chain[:2])({"image": path})["image"]
+    original = Compose([chain[0], chain[2]])({"image": path})["image"]
     assert resampled.numel() < original.numel() / 5  # ~3.5 mm voxels -> 7 mm
 
 
@@ -114,7 +130,7 @@ def test_batches_have_flattened_crops(demo: Path, tmp_path: Path) -> None:
     train, val = build_loaders(cfg)
     assert train.batches_per_epoch == len(train) == 2  # 5 training volumes, batch 2, last partial dropped
     batch = next(iter(train))
-    assert set(batch) == {"image"}
+    assert set(batch) == {"image", "bad"} and batch["bad"] == ["", "", "", ""]  # no volume was replaced
     assert batch["image"].shape == (4, 1, *ROI) and batch["image"].dtype == torch.float32
     vbatch = next(iter(val))
     assert vbatch["image"].shape == (2, 1, *ROI) and vbatch["valid"].tolist() == [True, True]

@@ -1,0 +1,88 @@
+"""Broken volumes: found when loaded, named once, and either skipped (replaced by another volume) or fatal.
+
+Collections gathered from several archives always hold a few bad files (missing, truncated, 2D, constant,
+a handful of voxels). The policy ``data.on_bad_volume`` decides: ``skip`` (default) replaces the sample and
+reports it; ``fail`` stops at once naming the file. ``ssl3d data check`` finds them all up front.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.transforms import Compose, MapTransform
+
+KEY = "image"
+BAD = "bad"  # set in a loaded item that could not be used: "<path>: <reason>"
+
+
+class BadVolumeError(RuntimeError):
+    """A volume that cannot be used; the message is one line: ``<path>: <reason>``."""
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost message of an exception chain (MONAI's Compose wraps the real error in RuntimeErrors)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
+
+
+def volume_problem(image: Any, min_size: int) -> str | None:
+    """Why a loaded [C, X, Y, Z] volume is unusable, or None."""
+    shape = tuple(image.shape)
+    if len(shape) != 4 or shape[0] != 1:
+        return f"not a 3D volume with one channel: shape {list(shape)[1:] if len(shape) else shape}"
+    if min(shape[1:]) < min_size:
+        return f"too small: shape {list(shape[1:])}, an axis under {min_size} voxels (data.min_size)"
+    t = torch.as_tensor(image)
+    if not bool(torch.isfinite(t).all()):
+        return "holds NaN or infinite values"
+    if float(t.max()) == float(t.min()):
+        return f"constant: every voxel is {float(t.min()):g}"
+    return None
+
+
+class CheckVolumed(MapTransform):
+    """Raises BadVolumeError for a volume that must not reach the padding and cropping steps."""
+
+    def __init__(self, keys: str = KEY, min_size: int = 16):
+        super().__init__(keys)
+        self.min_size = min_size
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        for key in self.key_iterator(data):
+            problem = volume_problem(data[key], self.min_size)
+            if problem:
+                raise BadVolumeError(problem)
+        return data
+
+
+class GuardedLoad:
+    """Wraps the deterministic chain so a bad file becomes a marked item instead of an exception.
+
+    Caching datasets build their caches in bulk; one unreadable file must not end that, so the decision
+    (skip or fail) is taken where the item is used.
+    """
+
+    def __init__(self, chain: Compose):
+        self.chain = chain
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.chain(item)
+        except Exception as exc:  # noqa: BLE001 - any reader error means the same: this file is unusable
+            return {KEY: None, BAD: f"{item.get(KEY)}: {root_cause(exc)}"}
+
+
+def check_datalist_entries(items: list[dict[str, str]], load: GuardedLoad) -> list[str]:
+    """Load every entry through the guarded chain; one line per bad entry."""
+    bad = []
+    for item in items:
+        out = load(dict(item))
+        if out.get(BAD):
+            bad.append(out[BAD])
+    return bad
+
+
+__all__ = ["BAD", "BadVolumeError", "CheckVolumed", "GuardedLoad", "check_datalist_entries", "volume_problem"]
