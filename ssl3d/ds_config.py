@@ -55,6 +55,7 @@ TOP_LEVEL_KEYS = (
     "gather_contrastive",
 )
 SSL3D_KEYS = ("strategy", "fsdp", "gather_contrastive")
+REFUSED_KEYS = ("optimizer", "scheduler")  # ssl3d builds both from the run config
 
 # DeepSpeedZeroConfig fields (and their ``stage3_`` aliases) in DeepSpeed 0.16-0.19.
 ZERO_KEYS = (
@@ -190,14 +191,17 @@ def _js(value: Any) -> str:
 
 
 def _check_keys(section: dict[str, Any], valid: tuple[str, ...], prefix: str, problems: list[str]) -> None:
+    """Unknown keys -> one problem each, with a did-you-mean; keys starting with ``_`` are comments."""
+    shown = [k for k in valid if k not in REFUSED_KEYS]
     for key in section:
-        if key.startswith("_"):
+        if key.startswith("_") or key in valid:
             continue
-        if key not in valid:
-            where = f"{prefix}.{key}" if prefix else key
+        if prefix:
+            problems.append(f"{prefix}.{key}: unknown key; {_did_you_mean(key, shown)}valid keys: {', '.join(shown)}")
+        else:
             problems.append(
-                f"{where}: unknown key; {_did_you_mean(key, valid)}valid keys: {', '.join(valid)}"
-                + (" (DeepSpeed would silently ignore it)" if not prefix else "")
+                f"{key}: unknown section (DeepSpeed would silently ignore it); {_did_you_mean(key, shown)}"
+                f"valid sections: {', '.join(shown)}"
             )
 
 
@@ -336,6 +340,21 @@ def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offloa
     return stage, off_opt, off_par, out
 
 
+def _check_activation_checkpointing(section: dict[str, Any]) -> list[str]:
+    """The memory module's own parser when it is there (it knows ssl3d's policy keys), else DeepSpeed's keys."""
+    try:
+        from ssl3d.memory.checkpointing import CheckpointPolicy
+    except ImportError:
+        problems: list[str] = []
+        _check_keys(section, ACTIVATION_CHECKPOINTING_KEYS, "activation_checkpointing", problems)
+        return problems
+    try:
+        CheckpointPolicy.from_dict({k: v for k, v in section.items() if not k.startswith("_")})
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
 def _resolve_fsdp(raw: dict[str, Any], problems: list[str]) -> FSDPOptions:
     section = raw.get("fsdp")
     if section is None:
@@ -394,10 +413,9 @@ def resolve_ds_config(
         strategy = "deepspeed" if "zero_optimization" in raw else ("ddp" if world_size > 1 else "single")
     elif strategy not in BACKENDS:
         problems.append(
-            f"strategy: got {_js(strategy)}, expected one of {', '.join(BACKENDS)} "
-            f"{_did_you_mean(str(strategy), BACKENDS).replace('? ', '?')}".rstrip()
+            f"strategy: got {_js(strategy)}; {_did_you_mean(str(strategy), BACKENDS)}valid: {', '.join(BACKENDS)}"
         )
-        strategy = "single"
+        strategy = "deepspeed" if "zero_optimization" in raw else ("ddp" if world_size > 1 else "single")
     if strategy == "single" and world_size > 1:
         problems.append(
             f'strategy: "single" runs one process but WORLD_SIZE is {world_size}; use "ddp" (or fsdp/deepspeed)'
@@ -457,7 +475,13 @@ def resolve_ds_config(
             "fsdp": 'FSDP2 already shards like ZeRO-3; for offload use "fsdp": {"cpu_offload": true}',
             "fairscale": "fairscale's OSS + ShardedDataParallel already shards like ZeRO-2",
         }.get(strategy, 'use "strategy": "deepspeed", or "fsdp" to shard without DeepSpeed')
-        if stage > 0 or off_opt.enabled or off_par.enabled:
+        if off_opt.enabled or off_par.enabled:
+            where = "zero_optimization.offload_" + ("optimizer" if off_opt.enabled else "param")
+            problems.append(
+                f'{where}: only DeepSpeed offloads this way, strategy is "{strategy}"; use "strategy": "deepspeed" '
+                'with this section, or "strategy": "fsdp" with "fsdp": {"cpu_offload": true}'
+            )
+        elif stage > 0:
             problems.append(f'zero_optimization: only DeepSpeed reads it, strategy is "{strategy}"; {alternative}')
     for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "wall_clock_breakdown"):
         if key in raw and not isinstance(raw[key], bool):
@@ -475,12 +499,12 @@ def resolve_ds_config(
     if "fsdp" in raw and strategy != "fsdp":
         problems.append(f'fsdp: options for strategy "fsdp", but strategy is "{strategy}"; remove it or switch')
 
-    # -- activation checkpointing (stored; applied by ssl3d.memory) ----------------------------------------
+    # -- activation checkpointing (stored; ssl3d.memory parses and applies it) -----------------------------
     ac = raw.get("activation_checkpointing", {})
     if not isinstance(ac, dict):
         problems.append(f"activation_checkpointing: got {_js(ac)}, expected an object")
         ac = {}
-    _check_keys(ac, ACTIVATION_CHECKPOINTING_KEYS, "activation_checkpointing", problems)
+    problems += _check_activation_checkpointing(ac)
 
     gather = raw.get("gather_contrastive", False)
     if not isinstance(gather, bool):
@@ -505,7 +529,9 @@ def resolve_ds_config(
     ds["fp16"] = {**fp16_opts, "enabled": precision == "fp16"}
     if zero is not None:
         ds["zero_optimization"] = zero
-    ds["activation_checkpointing"] = {k: v for k, v in ac.items() if not k.startswith("_")}
+    # Not for DeepSpeed: its engine never applies this section to a model that does not call
+    # deepspeed.checkpointing itself; ssl3d.memory applies it to the Swin blocks for every backend.
+    ds.pop("activation_checkpointing", None)
     ds.setdefault("steps_per_print", 10**9)  # ssl3d logs itself; DeepSpeed's default prints every 10 steps
     return DSConfig(
         strategy=strategy,
@@ -519,7 +545,7 @@ def resolve_ds_config(
         offload_optimizer=off_opt,
         offload_param=off_par,
         fsdp=fsdp,
-        activation_checkpointing=ds["activation_checkpointing"],
+        activation_checkpointing={k: v for k, v in ac.items() if not k.startswith("_")},
         gather_contrastive=gather,
         fp16=fp16_opts,
         deepspeed=ds,

@@ -50,6 +50,8 @@ class Scenario:
     save_after: int | None = None
     resume_from: str | None = None  # a scenario whose checkpoint to load (then run the remaining steps)
     load_weights_from: str | None = None  # round-trip that scenario's full_state_dict through load_model_weights
+    gather: bool = False  # add a batch-coupled term on contrastive embeddings gathered from all ranks
+    precision: str = "fp32"  # train.precision of the run config ("auto" values in the preset follow it)
 
 
 SCENARIOS = {
@@ -59,6 +61,8 @@ SCENARIOS = {
     "nan": Scenario("nan", nan_step=1),
     "resume": Scenario("resume", resume_from="plain"),
     "load_weights": Scenario("load_weights", load_weights_from="plain"),
+    "gather": Scenario("gather", gather=True),
+    "bf16": Scenario("bf16", precision="bf16"),
 }
 
 
@@ -79,14 +83,20 @@ def global_batches(grad_accum: int, world: int = WORLD, micro: int = MICRO) -> t
     return torch.rand(STEPS, grad_accum, WORLD * MICRO, 1, *CROP, generator=g)
 
 
-def deterministic_loss(model: torch.nn.Module, x: torch.Tensor, first_index: int) -> torch.Tensor:
+def deterministic_loss(model: torch.nn.Module, x: torch.Tensor, first_index: int, gather: Any = None) -> torch.Tensor:
+    """Per-sample means of all three heads; with ``gather``, plus a term that couples every pair of samples of the
+    GLOBAL batch (like the contrastive loss does), computed on embeddings gathered from all ranks."""
     out = model(x)
     labels = (torch.arange(x.shape[0]) + first_index) % 4
-    return (
+    loss = (
         F.l1_loss(out.reconstruction.float(), x)
         + F.cross_entropy(out.rotation.float(), labels.to(x.device))
         + out.contrastive.float().mean()
     )
+    if gather is not None:
+        z = gather(out.contrastive.float())  # [global batch, E]
+        loss = loss + torch.logsumexp(z @ z.T / 10.0, dim=1).mean()
+    return loss
 
 
 def apply_checkpointing(model: torch.nn.Module) -> None:
@@ -105,14 +115,14 @@ def apply_checkpointing(model: torch.nn.Module) -> None:
     )
 
 
-def run_config(grad_accum: int, micro: int) -> Config:
+def run_config(grad_accum: int, micro: int, precision: str = "fp32") -> Config:
     cfg = Config()
     cfg.model = TINY
     cfg.optim = OptimConfig(name="adamw", lr=LR, weight_decay=0.1, schedule="constant")
     cfg.train.batch_size = micro
     cfg.train.grad_accum = grad_accum
     cfg.train.grad_clip = GRAD_CLIP
-    cfg.train.precision = "fp32"
+    cfg.train.precision = precision
     cfg.train.device = "cpu"
     return cfg
 
@@ -125,7 +135,9 @@ def make_strategy(preset: dict[str, Any], sc: Scenario, world: int, micro: int):
     from ssl3d.ds_config import resolve_ds_config
     from ssl3d.strategies import strategy_from_ds_config
 
-    cfg = run_config(sc.grad_accum, micro)
+    cfg = run_config(sc.grad_accum, micro, sc.precision)
+    if sc.gather:
+        preset = {**preset, "gather_contrastive": True}
     ds = resolve_ds_config(preset, cfg, world_size=world, device_type="cpu", auto_precision="fp32")
     strategy = strategy_from_ds_config(ds, torch.device("cpu"))
     torch.manual_seed(0)  # the same initial weights on every rank and in the reference
@@ -160,7 +172,8 @@ def train(
             x = data[step, m, rank * micro : (rank + 1) * micro]
             with strategy.accumulate(sync):
                 with strategy.autocast():
-                    loss = deterministic_loss(model, x, rank * micro)
+                    gather = (strategy.gather_embeddings if world > 1 else lambda t: t) if sc.gather else None
+                    loss = deterministic_loss(model, x, rank * micro, gather)
                 if sc.nan_step == step:
                     loss = loss * float("nan")
                 strategy.backward(loss, sync=sync)
@@ -207,10 +220,11 @@ def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str,
     return result
 
 
-def worker(rank: int, job: Job, port: int, out: str) -> None:
+def worker(rank: int, jobs: list[Job], port: int, out: str, name: str) -> None:
+    world = jobs[0].world
     os.environ.update(
         RANK=str(rank),
-        WORLD_SIZE=str(job.world),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -221,35 +235,53 @@ def worker(rank: int, job: Job, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     out_dir = Path(out)
     results: dict[str, Any] = {}
-    states: dict[str, Any] = {}
-    t0 = time.perf_counter()
     try:
-        for name in job.scenarios:
-            sc = SCENARIOS[name]
-            try:
-                res = run_scenario(job, sc, rank, out_dir, states)
-                states[name] = res["state"]
-            except Exception:  # noqa: BLE001 - reported per scenario, the others still run
-                res = {"error": traceback.format_exc()}
-                if job.world > 1:
-                    raise  # a failed collective would leave the other rank hanging; fail the whole job
-            results[name] = res
+        for job in jobs:
+            t0 = time.perf_counter()
+            results[job.backend] = job_results = {}
+            states: dict[str, Any] = {}
+            for scenario_name in job.scenarios:
+                try:
+                    res = run_scenario(job, SCENARIOS[scenario_name], rank, out_dir, states)
+                except Exception:
+                    job_results[scenario_name] = {"error": traceback.format_exc()}
+                    # The other rank may now wait in a collective that never comes: stop the whole group.
+                    raise
+                states[scenario_name] = res["state"]
+                job_results[scenario_name] = res
+            job_results["_seconds"] = time.perf_counter() - t0
     finally:
-        results["_seconds"] = time.perf_counter() - t0
         if rank == 0:
-            torch.save(results, out_dir / f"{job.backend}.pt")
+            torch.save(results, out_dir / f"{name}.pt")
         torch.distributed.destroy_process_group()
 
 
-def spawn(job: Job, out: Path) -> dict[str, Any]:
-    """Run ``job`` on ``job.world`` fresh processes; returns rank 0's results."""
+def spawn(jobs: Job | list[Job], out: Path, name: str | None = None) -> dict[str, Any]:
+    """Run the jobs one after the other on ``world`` fresh processes (one start-up for all of them).
+
+    Returns ``{backend: {scenario: result}}`` from rank 0; when a process failed, every scenario that did not
+    finish carries the failure as ``{"error": ...}``.
+    """
     import torch.multiprocessing as mp
 
     from ssl3d.strategies.distributed import free_port
 
+    jobs = [jobs] if isinstance(jobs, Job) else jobs
+    assert len({j.world for j in jobs}) == 1, "one process group per spawn"
+    name = name or "_".join(j.backend for j in jobs)
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(worker, args=(job, free_port(), str(out)), nprocs=job.world, join=True)
-    return torch.load(out / f"{job.backend}.pt", weights_only=False)
+    failure = None
+    try:
+        mp.spawn(worker, args=(jobs, free_port(), str(out), name), nprocs=jobs[0].world, join=True)
+    except Exception as exc:  # noqa: BLE001 - reported per scenario below
+        failure = str(exc)
+    path = out / f"{name}.pt"
+    results = torch.load(path, weights_only=False) if path.exists() else {}
+    for job in jobs:
+        job_results = results.setdefault(job.backend, {})
+        for scenario_name in job.scenarios:
+            job_results.setdefault(scenario_name, {"error": f"not run: the group {name} failed: {failure}"})
+    return results
 
 
 def reference(scenarios: list[str]) -> dict[str, Any]:
