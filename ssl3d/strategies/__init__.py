@@ -5,16 +5,18 @@ Heavy or optional libraries (DeepSpeed, fairscale) are imported only when their 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ssl3d.config import Config
 from ssl3d.ds_config import DSConfig, load_ds_config
-from ssl3d.strategies.base import Strategy, clean_name, resolve_device, resolve_precision
+from ssl3d.strategies.base import Strategy, clean_name, resolve_device, resolve_precision, to_cpu_fp32
 from ssl3d.strategies.ddp import DDPStrategy
-from ssl3d.strategies.deepspeed import DeepSpeedStrategy
+from ssl3d.strategies.deepspeed import DeepSpeedStrategy, read_zero_weights
 from ssl3d.strategies.distributed import dist_env, init_distributed
 from ssl3d.strategies.fairscale import FairscaleStrategy
-from ssl3d.strategies.fsdp import FSDPStrategy
+from ssl3d.strategies.fsdp import FSDPStrategy, read_dcp_weights
 from ssl3d.strategies.single import SingleStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -50,6 +52,23 @@ def build_strategy(cfg: Config) -> Strategy:
     return strategy_from_ds_config(ds, device)
 
 
+def read_checkpoint_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights with plain names from ANY backend's checkpoint folder, offline.
+
+    ``state.pt`` (single, ddp, fairscale), ``dcp/`` (fsdp, any world size) or ``deepspeed/`` (ZeRO 0-3): for export
+    (``model_swinvit.pt``) and for starting another backend or world size from a run's weights (fresh optimizer).
+    """
+    directory = Path(directory)
+    if (directory / "state.pt").is_file():
+        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)["model"]
+        return {clean_name(k): to_cpu_fp32(v) for k, v in state.items()}
+    if (directory / "dcp").is_dir():
+        return read_dcp_weights(directory / "dcp")
+    if (directory / "deepspeed").is_dir():
+        return read_zero_weights(directory)
+    raise FileNotFoundError(f"{directory}: no checkpoint ssl3d knows (expected state.pt, dcp/ or deepspeed/)")
+
+
 __all__ = [
     "DDPStrategy",
     "DeepSpeedStrategy",
@@ -61,6 +80,7 @@ __all__ = [
     "build_strategy",
     "clean_name",
     "init_distributed",
+    "read_checkpoint_weights",
     "resolve_device",
     "resolve_precision",
     "strategy_from_ds_config",

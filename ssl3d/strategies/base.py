@@ -35,6 +35,12 @@ def clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
+def to_cpu_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy; floating-point tensors in fp32, integer buffers (e.g. position indices) as they are."""
+    t = t.detach().cpu()
+    return t.float().clone() if t.is_floating_point() else t.clone()
+
+
 def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU."""
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout
+from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout, to_cpu_fp32
 from ssl3d.strategies.distributed import init_distributed
 from ssl3d.strategies.single import load_extra, match_names, save_extra
 
@@ -174,11 +175,11 @@ class DeepSpeedStrategy(Strategy):
             full = safe_get_full_fp32_param(p) if p.requires_grad else None  # collective under ZeRO
             if full is None:
                 full = p.data
-            out[clean_name(name)] = full.detach().float().cpu().clone().reshape(self._shape(p))
+            out[clean_name(name)] = to_cpu_fp32(full).reshape(self._shape(p))
         for name, value in self.module.state_dict().items():
             key = clean_name(name)
             if key not in out:  # buffers (ZeRO never partitions them)
-                out[key] = value.detach().float().cpu().clone()
+                out[key] = to_cpu_fp32(value)
         return out
 
     @staticmethod
@@ -216,3 +217,23 @@ class DeepSpeedStrategy(Strategy):
             for name, b in self.module.named_buffers():
                 if name in state:
                     b.copy_(state[name].to(b.device, b.dtype))
+
+
+def read_zero_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights in a DeepSpeed checkpoint folder, offline (``zero_to_fp32``; no process group).
+
+    Stage 0 in fp32 has no ZeRO partitions: its module file already holds the full fp32 weights.
+    """
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    directory = Path(directory)
+    tagged = directory / CHECKPOINT_TAG
+    if any(tagged.glob("*optim_states.pt")):
+        quiet = io.StringIO()  # zero_to_fp32 prints its progress and tqdm bars
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    else:
+        # Our own file: it holds DeepSpeed's config objects, so it needs full unpickling.
+        state = torch.load(tagged / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {clean_name(k): to_cpu_fp32(v) for k, v in state.items()}

@@ -8,6 +8,7 @@ Parameters become DTensors; the optimizer is built on them after sharding. Check
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ssl3d.ds_config import FSDPOptions
-from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout
+from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout, to_cpu_fp32
 from ssl3d.strategies.single import load_extra, save_extra
 
 
@@ -114,18 +115,18 @@ class FSDPStrategy(Strategy):
 
     def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
         path = require_layout(directory, "dcp", self.name)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state} if load_optimizer else {"model": model_state}
         dcp.load(state, checkpoint_id=path)  # reshards to this run's world size
-        set_state_dict(
-            self.model,
-            self.optimizer if load_optimizer else [],
-            model_state_dict=state["model"],
-            optim_state_dict=state.get("optimizer", {}),
-        )
+        if load_optimizer:
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+            )
+        else:
+            set_model_state_dict(self.model, state["model"])
         return load_extra(directory, self.rank)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -133,7 +134,7 @@ class FSDPStrategy(Strategy):
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)  # collective; rank 0 gets the tensors
-        return {clean_name(k): v.detach().float().cpu().clone() for k, v in state.items()}
+        return {clean_name(k): to_cpu_fp32(v) for k, v in state.items()}
 
     def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Full plain-named weights present on every rank -> this rank's shards."""
@@ -141,3 +142,17 @@ class FSDPStrategy(Strategy):
 
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, {clean_name(k): v for k, v in state.items()}, options=options)
+
+
+def read_dcp_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model in a DCP checkpoint folder as full fp32 tensors, offline: no process group, any world size.
+
+    For exporting a sharded run's weights (``model_swinvit.pt``) or starting a one-process run from them.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / "full.pt"
+        dcp_to_torch_save(Path(path), full)
+        state = torch.load(full, map_location="cpu", weights_only=True)
+    return {clean_name(k): to_cpu_fp32(v) for k, v in state["model"].items()}

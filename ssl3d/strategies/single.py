@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout
+from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout, to_cpu_fp32
 
 
 def load_extra(directory: Path, rank: int) -> dict[str, Any]:
@@ -80,7 +80,7 @@ class SingleStrategy(Strategy):
         return load_extra(directory, self.rank)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {clean_name(k): v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {clean_name(k): to_cpu_fp32(v) for k, v in self.module.state_dict().items()}
 
     def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(match_names(self.module.state_dict(), state))

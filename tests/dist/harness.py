@@ -12,6 +12,7 @@ on 2 cores); rank 0 writes the results to ``<out>/<backend>.pt``.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import time
 import traceback
@@ -131,15 +132,18 @@ def make_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=LR, eps=ADAM_EPS, weight_decay=0.1)
 
 
-def make_strategy(preset: dict[str, Any], sc: Scenario, world: int, micro: int):
-    from ssl3d.ds_config import resolve_ds_config
-    from ssl3d.strategies import strategy_from_ds_config
+def make_strategy(preset: dict[str, Any], sc: Scenario, world: int, micro: int, out: Path):
+    """Through ``build_strategy``, as the CLI does: the preset is a ds_config file, the world comes from the env."""
+    from ssl3d.strategies import build_strategy
 
     cfg = run_config(sc.grad_accum, micro, sc.precision)
     if sc.gather:
         preset = {**preset, "gather_contrastive": True}
-    ds = resolve_ds_config(preset, cfg, world_size=world, device_type="cpu", auto_precision="fp32")
-    strategy = strategy_from_ds_config(ds, torch.device("cpu"))
+    path = out / f"ds_config_rank{os.environ.get('RANK', 0)}.json"
+    path.write_text(json.dumps(preset))
+    cfg.ds_config = str(path)
+    strategy = build_strategy(cfg)
+    assert strategy.world_size == world
     torch.manual_seed(0)  # the same initial weights on every rank and in the reference
     model = build_model(TINY, CONTRASTIVE_DIM)
     if sc.checkpointing:
@@ -158,8 +162,12 @@ def train(
     first_step: int,
     ckpt_root: Path | None,
     on_step: Any = None,
+    saved: dict[str, Any] | None = None,
 ):
-    """Steps ``first_step..STEPS-1``; returns per-step gradient norms and mean losses (this rank's)."""
+    """Steps ``first_step..STEPS-1``; returns per-step gradient norms and mean losses (this rank's).
+
+    With ``ckpt_root`` a checkpoint is written after ``sc.save_after`` steps, and the weights it holds are put in
+    ``saved["state"]`` (from full_state_dict, for comparing with offline consolidation)."""
     from ssl3d.checkpoint import CheckpointManager
 
     data = global_batches(sc.grad_accum, world, micro)
@@ -185,6 +193,8 @@ def train(
         if sc.save_after == step + 1 and ckpt_root is not None:
             extra = {"step": step + 1, "rank": rank}
             CheckpointManager(ckpt_root, strategy).save(step + 1, extra)
+            if saved is not None:
+                saved["state"] = strategy.full_state_dict()
     return norms, losses
 
 
@@ -192,7 +202,7 @@ def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str,
     from ssl3d.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
-    strategy, model = make_strategy(job.preset, sc, job.world, job.micro)
+    strategy, model = make_strategy(job.preset, sc, job.world, job.micro, out)
     result: dict[str, Any] = {}
     first = 0
     if sc.resume_from:
@@ -211,8 +221,9 @@ def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str,
         result.update(norms=[], losses=[])
     else:
         ckpt_root = out / f"{job.backend}_{sc.name}_ckpt" if sc.save_after else None
-        norms, losses = train(strategy, model, sc, rank, job.world, job.micro, first, ckpt_root)
-        result.update(norms=norms, losses=losses)
+        saved: dict[str, Any] = {}
+        norms, losses = train(strategy, model, sc, rank, job.world, job.micro, first, ckpt_root, saved=saved)
+        result.update(norms=norms, losses=losses, saved_state=saved.get("state"))
     state = strategy.full_state_dict()  # collective
     result["state"] = state
     result["seconds"] = time.perf_counter() - t0
