@@ -468,6 +468,12 @@ def resolve_ds_config(
             'or strategy "deepspeed" for fp16'
         )
 
+    if isinstance(raw.get("bf16"), dict) and raw["bf16"].get("check_grad_overflow") is False:
+        problems.append(
+            "bf16.check_grad_overflow: got false; ssl3d skips a step whose gradient norm is not finite on every "
+            "backend, and with false DeepSpeed's bf16 ZeRO optimizers would apply it; remove the key"
+        )
+
     # -- ZeRO ----------------------------------------------------------------------------------------------
     stage, off_opt, off_par, zero = _resolve_zero(raw, problems)
     if zero is not None and strategy != "deepspeed":

@@ -77,7 +77,8 @@ def require_layout(directory: Path, entry: str, strategy: str) -> Path:
     held = f"it holds {found[0]}" if found else "it holds no checkpoint ssl3d knows"
     raise RuntimeError(
         f"{directory}: strategy {strategy} cannot resume from this folder ({held}); resume with the strategy "
-        "that wrote it, or start from its consolidated weights (model.init_weights) with a fresh optimizer"
+        "that wrote it, or start from its weights with a fresh optimizer (ssl3d.strategies.read_checkpoint_weights "
+        "reads every layout)"
     )
 
 

@@ -173,7 +173,7 @@ def train(
     data = global_batches(sc.grad_accum, world, micro)
     norms, losses = [], []
     for step in range(first_step, STEPS):
-        strategy.set_lr(LR)
+        strategy.set_lr(LR * (step + 1) / STEPS)  # a warm-up: set_lr must reach the (wrapped) optimizer
         total = 0.0
         for m in range(sc.grad_accum):
             sync = m == sc.grad_accum - 1

@@ -142,6 +142,7 @@ def test_all_problems_are_reported_at_once() -> None:
         ({"strategy": "ddp", "fsdp": {"cpu_offload": True}}, 2, "cpu", 'options for strategy "fsdp"'),
         ({"strategy": "deepspeeed"}, 2, "cpu", "did you mean 'deepspeed'?"),
         ({"zero_optimization": {"stage": "auto"}}, 2, "cpu", "expected 0, 1, 2 or 3"),
+        ({"bf16": {"enabled": "auto", "check_grad_overflow": False}}, 2, "cpu", "not finite"),
     ],
 )
 def test_requests_a_backend_cannot_honour_name_the_alternative(raw: dict, world: int, device: str, needle: str) -> None:
