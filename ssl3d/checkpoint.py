@@ -162,8 +162,10 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     Loaded with ``weights_only=True``: a file that needs full unpickling is refused unless ``allow_pickle``.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / "state.pt"
+    if path.is_dir():  # a checkpoint folder of any backend (state.pt, DCP shards, DeepSpeed ZeRO partitions)
+        from ssl3d.strategies import read_checkpoint_weights
+
+        return read_checkpoint_weights(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for untrusted pickles

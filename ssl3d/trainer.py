@@ -26,7 +26,8 @@ from ssl3d.logger import RunLogger
 from ssl3d.model import build_model
 from ssl3d.optim import build_optimizer, lr_at
 from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
-from ssl3d.strategies import Strategy
+from ssl3d.strategies import Strategy, read_checkpoint_weights
+from ssl3d.strategies.single import load_extra
 
 LOSS_KEYS = ("total", "rotation", "contrastive", "reconstruction")
 MAX_LOADER_RESTARTS = 3
@@ -232,13 +233,32 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
+            "strategy": self.strategy.name,
+            "world_size": self.strategy.world_size,
         }
         if torch.cuda.is_available():
             extra["cuda_rng"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return extra
 
     def _resume(self, directory: Path) -> None:
-        extra = self.strategy.load(directory)
+        """Exact resume with the backend and world size that wrote the checkpoint; otherwise its weights only.
+
+        Switching backend (or DeepSpeed's world size, whose ZeRO partitions are fixed) restarts the optimizer
+        from the consolidated weights, with a warning; the step, data position and random streams carry over."""
+        saved = load_extra(directory, self.strategy.rank)
+        same_backend = saved.get("strategy", self.strategy.name) == self.strategy.name
+        same_world = int(saved.get("world_size", self.strategy.world_size)) == self.strategy.world_size
+        if same_backend and (same_world or self.strategy.name != "deepspeed"):
+            extra = self.strategy.load(directory)
+        else:
+            if self.strategy.is_main:
+                warnings.warn(
+                    f"{directory} was written by {saved.get('strategy')} at world size {saved.get('world_size')}; "
+                    f"this run is {self.strategy.name} at world size {self.strategy.world_size}: loading its weights "
+                    "with a FRESH optimizer (moments restart; the loss curve will not match an uninterrupted run)"
+                )
+            self.strategy.load_model_weights(read_checkpoint_weights(directory))
+            extra = saved
         s = self.state
         s.step, s.epoch, s.batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
         s.best_val = float(extra["best_val"])
