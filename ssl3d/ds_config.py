@@ -45,6 +45,7 @@ TOP_LEVEL_KEYS = (
     "zero_force_ds_cpu_optimizer",
     "activation_checkpointing",
     "aio",
+    "data_types",
     "steps_per_print",
     "wall_clock_breakdown",
     "optimizer",
@@ -494,6 +495,26 @@ def resolve_ds_config(
             problems.append(f"{key}: got {_js(raw[key])}, expected true/false")
     if "steps_per_print" in raw and not (_is_int(raw["steps_per_print"]) and raw["steps_per_print"] > 0):
         problems.append(f"steps_per_print: got {_js(raw['steps_per_print'])}, expected a positive integer")
+    data_types = raw.get("data_types", {})
+    if not isinstance(data_types, dict):
+        problems.append(f'data_types: got {_js(data_types)}, expected an object like {{"grad_accum_dtype": "fp32"}}')
+    else:
+        _check_keys(data_types, ("grad_accum_dtype",), "data_types", problems)
+        accum_dtype = data_types.get("grad_accum_dtype")
+        if accum_dtype is not None and accum_dtype not in PRECISIONS:
+            problems.append(
+                f"data_types.grad_accum_dtype: got {_js(accum_dtype)}, expected one of {', '.join(PRECISIONS)}"
+            )
+        elif accum_dtype is not None and strategy != "deepspeed":
+            problems.append(
+                f'data_types.grad_accum_dtype: only DeepSpeed reads it, strategy is "{strategy}" (which accumulates '
+                "gradients in fp32 anyway); remove it"
+            )
+        elif accum_dtype not in (None, precision) and stage == 0:
+            problems.append(
+                f'data_types.grad_accum_dtype: "{accum_dtype}" with {precision} parameters needs ZeRO stage 1 or more '
+                "(DeepSpeed stage 0 accumulates in the parameters' dtype); set zero_optimization.stage to 1"
+            )
     if "aio" in raw:
         if isinstance(raw["aio"], dict):
             _check_keys(raw["aio"], AIO_KEYS, "aio", problems)
