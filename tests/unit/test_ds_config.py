@@ -143,6 +143,13 @@ def test_all_problems_are_reported_at_once() -> None:
         ({"strategy": "deepspeeed"}, 2, "cpu", "did you mean 'deepspeed'?"),
         ({"zero_optimization": {"stage": "auto"}}, 2, "cpu", "expected 0, 1, 2 or 3"),
         ({"bf16": {"enabled": "auto", "check_grad_overflow": False}}, 2, "cpu", "not finite"),
+        ({"strategy": "ddp", "data_types": {"grad_accum_dtype": "fp32"}}, 2, "cpu", "only DeepSpeed reads it"),
+        (
+            {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
+            2,
+            "cpu",
+            "needs ZeRO stage 1",
+        ),
     ],
 )
 def test_requests_a_backend_cannot_honour_name_the_alternative(raw: dict, world: int, device: str, needle: str) -> None:
@@ -205,23 +212,3 @@ def test_build_strategy_without_a_preset_is_single_process(monkeypatch: pytest.M
     cfg.ds_config = str(Path(__file__).resolve().parents[2] / "ds_configs" / "single.json")
     strategy = build_strategy(cfg)
     assert type(strategy) is SingleStrategy and strategy.ds_config is not None
-
-
-def test_clean_name_drops_whole_wrapper_components() -> None:
-    from ssl3d.strategies import clean_name
-
-    assert clean_name("module.swinViT.layers1.0.blocks.0._checkpoint_wrapped_module.norm1.weight") == (
-        "swinViT.layers1.0.blocks.0.norm1.weight"
-    )
-    assert clean_name("_orig_mod.conv.0.weight") == "conv.0.weight"
-
-
-def test_resuming_another_backends_folder_says_what_it_holds(tmp_path: Path) -> None:
-    import torch
-
-    from ssl3d.strategies.single import SingleStrategy
-
-    (tmp_path / "deepspeed").mkdir()
-    strategy = SingleStrategy(torch.device("cpu"), torch.float32)
-    with pytest.raises(RuntimeError, match="DeepSpeed engine checkpoint"):
-        strategy.load(tmp_path)
