@@ -13,7 +13,8 @@ saves to host memory. ``isinstance`` checks (FSDP unit selection, MONAI code) st
 Policies (``CheckpointPolicy.policy``):
 
 - ``none``: nothing (MONAI's own ``model.use_checkpoint`` flag still works on its own);
-- ``full``: every Swin block (one checkpoint per block) and every stage of the reconstruction decoder;
+- ``full``: every Swin block (one checkpoint per block), the patch mergings and every stage of the
+  reconstruction decoder;
 - ``selective``: chosen ``stages``, every ``every_k_blocks``-th block, ``part`` = attention | mlp | block | both,
   decoder on/off; default: the attention of stages 0 and 1 (the highest-resolution ones);
 - ``offload``: no recomputation; what the chosen parts save for backward goes to host memory.

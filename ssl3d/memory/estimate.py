@@ -1,0 +1,704 @@
+"""Peak memory of one training step, predicted without the target device.
+
+One real training step (forward on both views, SSL losses, backward, AdamW step) is traced under
+``FakeTensorMode`` with fake CPU tensors: no data, no compute, only shapes, so even the full-size model at 256^3
+traces in about a second. A ``TorchDispatchMode`` counts the bytes of every live storage after each operator and
+sorts them into parameters, gradients, optimizer states, activations (created in forward), temporaries (created in
+backward or the optimizer step), inputs and host memory (offloaded activations). The timeline of one unsharded
+rank is then turned into a per-rank figure for a strategy by sharding arithmetic, and for GPUs by a simple model
+of the CUDA caching allocator (512-byte rounding per tensor, fragmentation headroom, 2 MiB segments, CUDA context).
+
+Why a trace and not a formula: activations depend on MONAI's exact op sequence (window padding, shift masks,
+the five layer-normed stage outputs, the decoder at full resolution), on which tensors autograd keeps, on the
+checkpoint policy and on fused attention. The trace sees all of that; a formula would drift with every change.
+
+Known approximations: (1) bf16 is traced with CPU autocast, whose op lists differ a little from CUDA's (e.g.
+trilinear upsampling stays fp32 on CPU); DeepSpeed's bf16 mode (a bf16 model, not autocast) is approximated by the
+autocast trace with bf16 parameter/gradient bytes. (2) Kernel workspaces invisible to PyTorch (cuDNN/oneDNN
+scratch, NCCL buffers) are not counted. (3) Sharding overheads follow the backends' defaults, see ``_rank_bytes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import json
+import math
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ssl3d.config import ConfigError, ModelConfig
+from ssl3d.memory.checkpointing import CheckpointPolicy, apply_activation_checkpointing, as_policy, simulate_offload
+
+__all__ = [
+    "CATEGORIES",
+    "STRATEGIES",
+    "MemoryEstimate",
+    "StepTrace",
+    "StorageTracker",
+    "estimate_memory",
+    "format_estimate",
+    "make_step_inputs",
+    "normalize_roi",
+    "trace_step",
+    "training_step",
+]
+
+GIB = 2**30
+MIB = 2**20
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+CATEGORIES = (
+    "parameters",
+    "buffers",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "temporaries",
+    "inputs",
+    "workspace",  # transient memory inside one kernel that PyTorch does not see as tensors (modelled)
+    "host",  # always last: not device memory
+)
+_CAT = {name: i for i, name in enumerate(CATEGORIES)}
+PHASES = ("setup", "forward", "backward", "optimizer")
+_PHASE = {name: i for i, name in enumerate(PHASES)}
+CUDA_BLOCK = 512  # the caching allocator rounds every request up to 512 bytes
+CUDA_SEGMENT = 2 * MIB
+DEFAULT_CUDA_CONTEXT = GIB // 2
+# A first CPU training step leaves ~100 MB of resident memory that is no tensor: oneDNN's JIT kernels and primitive
+# cache, per-thread scratch, allocator arenas (measured: 99-108 MB over the tensor peak for the tiny model).
+DEFAULT_CPU_RUNTIME = 96 * MIB
+DEFAULT_FRAGMENTATION = 0.10
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements; DeepSpeed's default reduce_bucket_size
+DEEPSPEED_PERSISTENCE = 100_000  # elements; stage3_param_persistence_threshold default
+# oneDNN (CPU) convolutions reorder their input (and output) into blocked layouts outside PyTorch's view: measured
+# 1.4-3x the input's bytes for the decoder's convolutions, forward and backward alike.
+CPU_CONV_WORKSPACE = 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counting live storages.
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes per category after every operator; works on real and on fake tensors.
+
+    New storages take the category of the current phase (forward: activations; backward and optimizer step:
+    temporaries; inside ``host()``: host). Parameters, optimizer states and inputs are registered with
+    ``register``; gradients are re-labelled when autograd accumulates them (``watch_gradients``). Views share
+    their base's storage and are counted once.
+    """
+
+    def __init__(self, round_bytes: int = 1, workspace: Callable[[Any, tuple], int] | None = None) -> None:
+        super().__init__()
+        self.round_bytes = max(1, int(round_bytes))
+        self.workspace = workspace  # (op, args) -> transient bytes the op uses beyond its outputs
+        self.current = [0] * len(CATEGORIES)
+        self._info: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [bytes, category]
+        self._refs: set[weakref.ref] = set()
+        self.phase = "setup"
+        self._host = 0
+        self.events: list[tuple[int, ...]] = []
+        self._hooks: list[Any] = []
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def _bytes(self, st: torch.UntypedStorage) -> int:
+        n = st.nbytes()
+        r = self.round_bytes
+        return -(-n // r) * r if r > 1 else n
+
+    def _release(self, entry: list[int], ref: weakref.ref) -> None:
+        self._refs.discard(ref)
+        self.current[entry[1]] -= entry[0]
+
+    def register(self, t: Tensor, category: str, relabel: bool = True) -> None:
+        """Count ``t``'s storage under ``category`` (re-label it if it is already counted and ``relabel``)."""
+        if not isinstance(t, Tensor) or t.device.type == "meta":
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+            return
+        cat = _CAT[category]
+        entry = self._info.get(st)
+        if entry is None:
+            entry = [self._bytes(st), cat]
+            self._info[st] = entry
+            self._refs.add(weakref.ref(st, functools.partial(self._release, entry)))
+            self.current[cat] += entry[0]
+        elif relabel and entry[1] != cat:
+            self.current[entry[1]] -= entry[0]
+            entry[1] = cat
+            self.current[cat] += entry[0]
+
+    def mark(self) -> None:
+        self.events.append((_PHASE[self.phase], *self.current))
+
+    def set_phase(self, phase: str) -> None:
+        self.mark()
+        self.phase = phase
+
+    @contextlib.contextmanager
+    def host(self) -> Iterator[None]:
+        """Storages created inside are host memory (offloaded activations)."""
+        self._host += 1
+        try:
+            yield
+        finally:
+            self._host -= 1
+
+    def watch_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Label each ``.grad`` as a gradient the moment autograd accumulates it."""
+
+        def hook(p: Tensor) -> None:
+            if p.grad is not None:
+                self.register(p.grad, "gradients")
+                self.mark()
+
+        self._hooks += [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if self._host:
+            cat = "host"
+        else:
+            cat = "activations" if self.phase in ("forward", "setup") else "temporaries"
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.register(t, cat, relabel=False)
+        extra = self.workspace(func, args) if self.workspace is not None else 0
+        self.current[_CAT["workspace"]] += extra
+        self.mark()
+        self.current[_CAT["workspace"]] -= extra
+        return out
+
+
+def cpu_conv_workspace(factor: float = CPU_CONV_WORKSPACE) -> Callable[[Any, tuple], int]:
+    """Workspace model for CPU convolutions: ``factor`` x the bytes of the convolution's input."""
+    ops = {torch.ops.aten.convolution.default: 0, torch.ops.aten.convolution_backward.default: 1}
+
+    def workspace(func: Any, args: tuple) -> int:
+        i = ops.get(func)
+        if i is None or len(args) <= i or not isinstance(args[i], Tensor):
+            return 0
+        return int(factor * args[i].numel() * args[i].element_size())
+
+    return workspace
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One training step, shared by the estimator (fake tensors) and the profiler (real tensors).
+
+
+def normalize_roi(roi: int | Sequence[int]) -> tuple[int, int, int]:
+    """An int means a cube. Same rules as ``data.roi``: multiples of 32, roi[1] == roi[2], >= 2 last-stage tokens."""
+    r = (int(roi),) * 3 if isinstance(roi, int | np.integer) else tuple(int(v) for v in roi)
+    if len(r) != 3:
+        raise ConfigError(f"roi: got {list(r)}, expected one size or three sizes")
+    problems = []
+    if any(v <= 0 or v % 32 for v in r):
+        problems.append(f"roi: got {list(r)}, expected positive multiples of 32 (patch 2 and four 2x mergings)")
+    elif math.prod(v // 32 for v in r) < 2:
+        problems.append(f"roi: got {list(r)}, expected at least 2 last-stage tokens (ROI/32 per axis), e.g. 64")
+    if r[1] != r[2]:
+        problems.append(f"roi: got {list(r)}, expected roi[1] == roi[2] (the rotation plane)")
+    if problems:
+        raise ConfigError(problems)
+    return r  # type: ignore[return-value]
+
+
+def make_step_inputs(
+    roi: tuple[int, int, int], batch_size: int, num_samples: int, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
+    """What the trainer holds during a step: the crops [N], both views [2N], their corrupted copies [2N], labels."""
+    n = batch_size * num_samples
+    shape = (1, *roi)
+    return {
+        "crops": torch.zeros(n, *shape, device=device),
+        "views": torch.zeros(2 * n, *shape, device=device),
+        "corrupted": torch.zeros(2 * n, *shape, device=device),
+        "rot_labels": torch.zeros(2 * n, dtype=torch.long, device=device),
+    }
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: dict[str, Tensor],
+    loss_fn: nn.Module,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    two_passes: bool = False,
+    phase: Callable[[str], None] = lambda name: None,
+) -> Tensor:
+    """Forward (one batched pass over both views, or the reference's one pass per view), losses, backward, step."""
+    device_type = inputs["corrupted"].device.type
+    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    phase("forward")
+    with ctx:
+        x = inputs["corrupted"]
+        if two_passes:
+            half = x.shape[0] // 2
+            o1, o2 = model(x[:half]), model(x[half:])
+            rot = torch.cat([o1.rotation, o2.rotation])
+            emb = torch.cat([o1.contrastive, o2.contrastive])
+            rec = torch.cat([o1.reconstruction, o2.reconstruction])
+            del o1, o2
+        else:
+            out = model(x)
+            rot, emb, rec = out.rotation, out.contrastive, out.reconstruction
+            del out
+    losses = loss_fn(rot.float(), inputs["rot_labels"], emb.float(), rec.float(), inputs["views"])
+    del rot, emb, rec
+    total = losses["total"]
+    phase("backward")
+    total.backward()
+    phase("optimizer")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    phase("setup")
+    return total.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the model without memory.
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(model_key: str, contrastive_dim: int) -> nn.Module:
+    """The SSL model with meta parameters (no memory, no init cost after the first call per config)."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    from ssl3d.model import build_model
+
+    class _MetaInit(TorchFunctionMode):
+        # MONAI calls .item() on a linspace in the encoder's constructor: keep that one (tiny) on the CPU.
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = dict(kwargs or {})
+            if func in _device_constructors() and kwargs.get("device") is None and func is not torch.linspace:
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    cfg = ModelConfig(**json.loads(model_key))
+    cfg.depths, cfg.num_heads = tuple(cfg.depths), tuple(cfg.num_heads)
+    cfg.init_weights = None
+    with _MetaInit():
+        return build_model(cfg, contrastive_dim)
+
+
+def _model_key(cfg: ModelConfig) -> str:
+    d = dataclasses.asdict(cfg)
+    d["init_weights"] = None
+    return json.dumps(d, sort_keys=True)
+
+
+def _unit_sizes(model: nn.Module) -> dict[str, int]:
+    """Parameter counts that sharding needs: total, per Swin block (FSDP/ZeRO-3 units), the rest (FSDP root)."""
+    from monai.networks.nets.swin_unetr import SwinTransformerBlock
+
+    total = sum(p.numel() for p in model.parameters())
+    blocks = [sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, SwinTransformerBlock)]
+    small = sum(p.numel() for p in model.parameters() if p.numel() < DEEPSPEED_PERSISTENCE)
+    modules = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    return {
+        "total": total,
+        "largest_block": max(blocks, default=0),
+        "root": total - sum(blocks),
+        "persistent": small,
+        "largest_module": max(modules, default=0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trace.
+
+
+@dataclass
+class StepTrace:
+    """Timeline of one unsharded rank: ``events[i] = (phase, bytes per category...)`` after operator i."""
+
+    events: np.ndarray  # [E, 1 + len(CATEGORIES)] int64
+    units: dict[str, int]  # parameter counts (see _unit_sizes)
+    param_bytes: int
+    seconds: float
+
+    def column(self, category: str) -> np.ndarray:
+        return self.events[:, 1 + _CAT[category]]
+
+    @property
+    def phase(self) -> np.ndarray:
+        return self.events[:, 0]
+
+
+@functools.lru_cache(maxsize=256)
+def _trace_cached(
+    model_key: str,
+    contrastive_dim: int,
+    roi: tuple[int, int, int],
+    batch_size: int,
+    num_samples: int,
+    precision: str,
+    policy: CheckpointPolicy,
+    fused_attention: bool,
+    cuda: bool,
+    two_passes: bool,
+) -> StepTrace:
+    import time
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ssl3d.model.attention import apply_fused_attention
+    from ssl3d.ssl import SSLLoss
+
+    t0 = time.perf_counter()
+    model = copy.deepcopy(_meta_model(model_key, contrastive_dim))
+    units = _unit_sizes(model)
+    if fused_attention:
+        apply_fused_attention(model)
+    apply_activation_checkpointing(model, policy, warn=False)
+    model.train()
+    tracker = StorageTracker(round_bytes=CUDA_BLOCK if cuda else 1, workspace=None if cuda else cpu_conv_workspace())
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        model.to_empty(device="cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        # foreach (multi-tensor) AdamW is the CUDA default and the larger one in temporaries.
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, foreach=cuda)
+        inputs = make_step_inputs(roi, batch_size, num_samples, "cpu")
+        loss_fn = SSLLoss()
+        with simulate_offload(tracker.host) if cuda else contextlib.nullcontext():
+            # Steady state: the optimizer's states exist before the measured step (one step on zero gradients
+            # creates them at a fraction of the cost of a traced training step).
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                tracker.register(p, "parameters")
+            for b in model.buffers():
+                tracker.register(b, "buffers")
+            for state in optimizer.state.values():
+                for v in state.values():
+                    tracker.register(v, "optimizer_states")
+            for v in inputs.values():
+                tracker.register(v, "inputs")
+            tracker.watch_gradients(params)
+            with tracker:
+                tracker.mark()
+                training_step(
+                    model,
+                    optimizer,
+                    inputs,
+                    loss_fn,
+                    autocast_dtype=dtype,
+                    two_passes=two_passes,
+                    phase=tracker.set_phase,
+                )
+                tracker.mark()
+            tracker.remove_hooks()
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    events = np.asarray(tracker.events, dtype=np.int64)
+    return StepTrace(events=events, units=units, param_bytes=param_bytes, seconds=time.perf_counter() - t0)
+
+
+def trace_step(
+    model: ModelConfig,
+    roi: int | Sequence[int],
+    batch_size: int = 1,
+    num_samples: int = 2,
+    precision: str = "fp32",
+    policy: CheckpointPolicy | dict[str, Any] | str | None = None,
+    fused_attention: bool = True,
+    device: str = "cuda",
+    two_passes: bool = False,
+    contrastive_dim: int = 512,
+) -> StepTrace:
+    """Trace one unsharded training step (cached per configuration)."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f'precision: got "{precision}", expected fp32, bf16 or fp16')
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f'device: got "{device}", expected "cuda" or "cpu" (the target the estimate is for)')
+    if batch_size < 1 or num_samples < 1:
+        raise ConfigError(f"batch_size/num_samples: got {batch_size}/{num_samples}, expected at least 1 each")
+    return _trace_cached(
+        _model_key(model),
+        contrastive_dim,
+        normalize_roi(roi),
+        int(batch_size),
+        int(num_samples),
+        precision,
+        as_policy(policy),
+        bool(fused_attention),
+        device == "cuda",
+        bool(two_passes),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-rank arithmetic.
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak memory per rank of one training step, in bytes, with its breakdown at the peak."""
+
+    breakdown: dict[str, int]  # parameters, gradients, optimizer_states, activations, temporaries, ..., total
+    peak_phase: str
+    config: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.breakdown["total"]
+
+    def gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 3) for k, v in self.breakdown.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "peak_phase": self.peak_phase,
+            "bytes": dict(self.breakdown),
+            "gib": self.gib(),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+
+def _rank_bytes(
+    trace: StepTrace,
+    strategy: str,
+    world_size: int,
+    precision: str,
+    offload_optimizer: bool,
+    offload_params: bool,
+    reduce_bucket_size: int,
+    overlap_comm: bool | None,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per-event device bytes of one rank under ``strategy``; returns columns and notes on what was assumed.
+
+    - ddp: full parameters, gradients and optimizer states, plus DDP's gradient buckets (one more gradient copy);
+    - zero1: optimizer states / N; zero2: gradients and optimizer states / N; both keep DeepSpeed's contiguous
+      gradient bucket of ``reduce_bucket_size`` elements (two with ``overlap_comm``) during backward and step;
+    - zero3: everything / N, parameters under 1e5 elements kept whole, two gathered modules (current + prefetch);
+    - fsdp (FSDP2, one unit per Swin block): everything / N, plus the root's parameters gathered through forward
+      and backward (it is not resharded after forward) and two gathered blocks, and one block's unsharded grads;
+    - offload_optimizer: optimizer states and the step's temporaries live on the host;
+      offload_params (zero3/fsdp): the sharded parameters (and for FSDP the gradients) live on the host.
+    DeepSpeed's bf16 (zero*) keeps bf16 parameters/gradients and fp32 master weights in the optimizer.
+    """
+    n = max(1, int(world_size))
+    col = {c: trace.column(c).astype(np.float64) for c in CATEGORIES}
+    phase = trace.phase
+    in_step = phase == _PHASE["optimizer"]
+    in_bw = phase == _PHASE["backward"]
+    fwd_bwd = (phase == _PHASE["forward"]) | in_bw
+    units = trace.units
+    pb = trace.param_bytes / max(units["total"], 1)  # bytes per parameter in the trace (4: fp32 parameters)
+    low = precision in ("bf16", "fp16")
+    notes: list[str] = []
+    params, grads, opt = col["parameters"], col["gradients"], col["optimizer_states"]
+    extra = np.zeros_like(params)
+    deepspeed = strategy.startswith("zero")
+    if deepspeed and low:
+        # bf16 model weights and gradients; fp32 master copy lives with the optimizer states.
+        params = params / 2
+        grads = grads / 2
+        opt = opt + trace.param_bytes * (opt > 0)
+        notes.append("DeepSpeed bf16: bf16 parameters/gradients, fp32 master weights counted as optimizer states")
+    if strategy in ("single", "ddp"):
+        if n > 1 and strategy == "single":
+            notes.append("single: world_size ignored (one process)")
+        if strategy == "ddp":
+            extra = extra + trace.param_bytes  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
+    elif strategy in ("zero1", "zero2"):
+        opt = opt / n
+        if strategy == "zero2":
+            grads = grads / n
+        elem = 2 if low else 4
+        buckets = 2 if overlap_comm else 1
+        bucket = reduce_bucket_size * elem * buckets
+        extra = extra + bucket * (in_bw | in_step)
+        notes.append(f"DeepSpeed gradient bucket: {buckets} x {reduce_bucket_size:.3g} elements in backward and step")
+    elif strategy == "zero3":
+        persistent = units["persistent"] * pb * (0.5 if low else 1.0)
+        params = params / n + persistent * (1 - 1 / n)
+        grads = grads / n
+        opt = opt / n
+        live = 2 * units["largest_module"] * pb * (0.5 if low else 1.0)
+        elem = 2 if low else 4
+        buckets = 1 if overlap_comm is False else 2  # stage 3 overlaps communication by default
+        extra = extra + live * fwd_bwd + reduce_bucket_size * elem * buckets * in_bw
+        notes.append("ZeRO-3: two gathered modules (current + prefetch) and params < 1e5 elements kept whole")
+    elif strategy == "fsdp":
+        gathered = 0.5 if low else 1.0  # MixedPrecisionPolicy(param_dtype=bf16) gathers bf16 parameters
+        params = params / n
+        grads = grads / n
+        opt = opt / n
+        root = units["root"] * pb * gathered
+        block = units["largest_block"] * pb * gathered
+        extra = extra + (root + 2 * block) * fwd_bwd + (units["root"] + units["largest_block"]) * pb * in_bw
+        notes.append("FSDP2: root gathered in forward+backward, two blocks gathered, one block + root unsharded grads")
+    else:
+        raise ConfigError(f'strategy: got "{strategy}", expected one of {", ".join(STRATEGIES)}')
+    temps = col["temporaries"]
+    if offload_optimizer:
+        opt = opt * 0
+        temps = np.where(in_step, 0.0, temps)
+        notes.append("optimizer offload: optimizer states and the step on the host")
+    if offload_params:
+        if strategy not in ("zero3", "fsdp"):
+            raise ConfigError(
+                f"offload_params: needs strategy zero3 or fsdp (got {strategy}); or offload the optimizer"
+            )
+        params = params * 0
+        if strategy == "fsdp":
+            grads = grads * 0
+        notes.append("parameter offload: sharded parameters on the host, gathered units on the device")
+    out = {
+        "parameters": params,
+        "buffers": col["buffers"],
+        "gradients": grads,
+        "optimizer_states": opt,
+        "activations": col["activations"],
+        "temporaries": temps,
+        "inputs": col["inputs"],
+        "workspace": col["workspace"],
+        "sharding_buffers": extra,
+        "host": col["host"],
+    }
+    return out, notes
+
+
+def estimate_memory(
+    model: ModelConfig,
+    roi: int | Sequence[int],
+    batch_size: int = 1,
+    num_samples: int = 2,
+    precision: str = "fp32",
+    policy: CheckpointPolicy | dict[str, Any] | str | None = None,
+    fused_attention: bool = True,
+    strategy: str = "single",
+    world_size: int = 1,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    device: str = "cuda",
+    two_passes: bool = False,
+    contrastive_dim: int = 512,
+    fragmentation: float = DEFAULT_FRAGMENTATION,
+    runtime_bytes: int | None = None,
+    reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
+    overlap_comm: bool | None = None,
+) -> MemoryEstimate:
+    """Predicted peak memory per rank of one step (forward, backward, AdamW step), without the device.
+
+    ``batch_size`` volumes x ``num_samples`` crops per rank, two views each. ``device="cuda"``: tensor bytes
+    rounded as the caching allocator does, + ``fragmentation`` headroom rounded to 2 MiB segments, + the CUDA
+    context (``runtime_bytes``, default 0.5 GiB). ``"cpu"``: tensor bytes + a oneDNN convolution workspace model +
+    ``runtime_bytes`` (default 96 MiB), comparable with the peak RSS growth ``profile_memory`` measures.
+    ``two_passes`` reproduces the reference (one forward per view).
+    """
+    trace = trace_step(
+        model, roi, batch_size, num_samples, precision, policy, fused_attention, device, two_passes, contrastive_dim
+    )
+    cols, notes = _rank_bytes(
+        trace,
+        strategy,
+        world_size,
+        precision,
+        offload_optimizer,
+        offload_params,
+        reduce_bucket_size,
+        overlap_comm,
+    )
+    device_total = sum(v for k, v in cols.items() if k != "host")
+    i = int(np.argmax(device_total))
+    breakdown = {k: int(round(float(v[i]))) for k, v in cols.items() if k != "host"}
+    allocated = int(round(float(device_total[i])))
+    breakdown["allocated_peak"] = allocated
+    breakdown["activations_max"] = int(trace.column("activations").max())
+    breakdown["host_offload_max"] = int(cols["host"].max())
+    if device == "cuda":
+        runtime = DEFAULT_CUDA_CONTEXT if runtime_bytes is None else int(runtime_bytes)
+        reserved = math.ceil(allocated * (1 + fragmentation) / CUDA_SEGMENT) * CUDA_SEGMENT
+    else:
+        runtime = DEFAULT_CPU_RUNTIME if runtime_bytes is None else int(runtime_bytes)
+        reserved = allocated
+    breakdown["allocator_overhead"] = reserved - allocated
+    breakdown["reserved"] = reserved
+    breakdown["runtime"] = runtime
+    breakdown["total"] = reserved + runtime
+    pol = as_policy(policy)
+    config = {
+        "model": dataclasses.asdict(model),
+        "roi": list(normalize_roi(roi)),
+        "batch_size": batch_size,
+        "num_samples": num_samples,
+        "precision": precision,
+        "policy": pol.label,
+        "fused_attention": fused_attention,
+        "strategy": strategy,
+        "world_size": world_size,
+        "offload_optimizer": offload_optimizer,
+        "offload_params": offload_params,
+        "device": device,
+        "two_passes": two_passes,
+        "parameters_count": trace.units["total"],
+        "trace_seconds": round(trace.seconds, 2),
+    }
+    return MemoryEstimate(breakdown=breakdown, peak_phase=PHASES[int(trace.phase[i])], config=config, notes=notes)
+
+
+_ROWS = (
+    ("parameters", "parameters"),
+    ("buffers", "buffers"),
+    ("gradients", "gradients"),
+    ("optimizer_states", "optimizer states"),
+    ("activations", "activations (saved for backward)"),
+    ("temporaries", "temporaries"),
+    ("inputs", "inputs (crops, views)"),
+    ("workspace", "kernel workspace (modelled)"),
+    ("sharding_buffers", "sharding/communication buffers"),
+    ("allocated_peak", "= allocated at peak"),
+    ("allocator_overhead", "allocator rounding/fragmentation"),
+    ("runtime", "CUDA context / CPU runtime"),
+    ("total", "= total per rank"),
+    ("activations_max", "(max activations during forward)"),
+    ("host_offload_max", "(host memory for offload)"),
+)
+
+
+def format_estimate(est: MemoryEstimate) -> str:
+    """A two-column table in GiB for the terminal."""
+    c = est.config
+    roi = "x".join(str(r) for r in c["roi"])
+    head = (
+        f"{c['strategy']} x{c['world_size']}  roi {roi}  batch {c['batch_size']}x{c['num_samples']}  "
+        f"{c['precision']}  checkpointing {c['policy']}  fused attention {'on' if c['fused_attention'] else 'off'}  "
+        f"({c['device']}, peak in {est.peak_phase})"
+    )
+    lines = [head, "-" * len(head)]
+    for key, label in _ROWS:
+        if key in est.breakdown:
+            lines.append(f"{label:<36} {est.breakdown[key] / GIB:10.3f} GiB")
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""What fits: largest crop and batch per backend and world size, and the cheapest checkpointing that fits.
+
+Everything here asks ``estimate_memory``; traces are cached per (ROI, batch, policy), and the sharding arithmetic
+that distinguishes backends is free, so a whole table costs a few dozen traces. Peak memory grows monotonically
+with ROI and batch, so both searches are binary searches over the candidates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ssl3d.config import ConfigError, ModelConfig
+from ssl3d.memory.checkpointing import CheckpointPolicy, as_policy
+from ssl3d.memory.estimate import GIB, STRATEGIES, estimate_memory, normalize_roi
+
+__all__ = ["DEFAULT_LADDER", "format_plan", "plan_memory", "plot_memory_vs_roi"]
+
+# Cheapest first: recomputation (and host traffic) grows down the list.
+DEFAULT_LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("none", {"policy": "none"}),
+    ("decoder", {"policy": "selective", "stages": [], "decoder": True}),
+    ("selective-mlp", {"policy": "selective", "stages": [0, 1], "part": "mlp"}),
+    ("selective-attention", {"policy": "selective", "stages": [0, 1], "part": "attention"}),
+    ("selective-both", {"policy": "selective", "stages": [0, 1], "part": "both", "decoder": True}),
+    ("full", {"policy": "full"}),
+    ("full+offload", {"policy": "full", "offload_to_cpu": True}),
+)
+
+
+def _search_largest(candidates: Sequence[int], fits) -> int | None:  # type: ignore[no-untyped-def]
+    """Largest candidate with fits(c) True, assuming fits is monotone (True ... True False ... False)."""
+    lo, hi, best = 0, len(candidates) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(candidates[mid]):
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def plan_memory(
+    budget_bytes: int,
+    model: ModelConfig,
+    roi: int | Sequence[int] | None = None,
+    batch_size: int = 1,
+    num_samples: int = 2,
+    precision: str = "bf16",
+    fused_attention: bool = True,
+    strategies: Sequence[str] = STRATEGIES,
+    world_sizes: Sequence[int] = (1, 2, 4, 8),
+    device: str = "cuda",
+    limit_policies: Sequence[str] = ("none", "full"),
+    ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
+    max_roi: int = 512,
+    max_batch: int = 64,
+    offload_optimizer: bool = False,
+    plot_path: str | Path | None = None,
+    plot_rois: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """For each strategy and world size: largest cubic ROI and largest batch (at ``roi``) under each of
+    ``limit_policies`` (ladder names), and the cheapest ladder policy that makes ``roi`` x ``batch_size`` fit.
+
+    ``budget_bytes`` is the device memory per rank (the estimate's ``total``: allocator and CUDA context
+    included for ``device="cuda"``). Returns a JSON-ready dict; ``format_plan`` prints it.
+    """
+    if budget_bytes <= 0:
+        raise ConfigError(f"budget: got {budget_bytes} bytes, expected a positive size")
+    names = [n for n, _ in ladder]
+    policies = {n: as_policy(p) for n, p in ladder}
+    for name in limit_policies:
+        if name not in policies:
+            raise ConfigError(f"limit_policies: {name!r} is not on the ladder; choose from {', '.join(names)}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ConfigError(f'strategies: got "{s}", expected some of {", ".join(STRATEGIES)}')
+    roi3 = normalize_roi(roi) if roi is not None else None
+    rois = [r for r in range(64, max_roi + 1, 32)]
+
+    def total(strategy: str, ws: int, r: int | tuple[int, int, int], batch: int, policy: CheckpointPolicy) -> int:
+        return estimate_memory(
+            model,
+            r,
+            batch,
+            num_samples,
+            precision,
+            policy,
+            fused_attention,
+            strategy=strategy,
+            world_size=ws,
+            device=device,
+            offload_optimizer=offload_optimizer,
+        ).total
+
+    rows = []
+    for strategy in strategies:
+        for ws in world_sizes if strategy != "single" else (1,):
+            row: dict[str, Any] = {"strategy": strategy, "world_size": ws, "largest_roi": {}, "largest_batch": {}}
+            for name in limit_policies:
+                pol = policies[name]
+                row["largest_roi"][name] = _search_largest(
+                    rois, lambda r, pol=pol, s=strategy, n=ws: total(s, n, r, batch_size, pol) <= budget_bytes
+                )
+                if roi3 is not None:
+                    row["largest_batch"][name] = _largest_batch(
+                        lambda b, pol=pol, s=strategy, n=ws: total(s, n, roi3, b, pol) <= budget_bytes, max_batch
+                    )
+            if roi3 is not None:
+                row["cheapest_policy"] = None
+                for name in names:
+                    t = total(strategy, ws, roi3, batch_size, policies[name])
+                    if t <= budget_bytes:
+                        row["cheapest_policy"] = name
+                        row["cheapest_policy_total"] = t
+                        row["cheapest_policy_section"] = policies[name].to_dict()
+                        break
+            rows.append(row)
+    result: dict[str, Any] = {
+        "budget_bytes": int(budget_bytes),
+        "model": {"feature_size": model.feature_size, "depths": list(model.depths)},
+        "roi": list(roi3) if roi3 else None,
+        "batch_size": batch_size,
+        "num_samples": num_samples,
+        "precision": precision,
+        "fused_attention": fused_attention,
+        "device": device,
+        "ladder": names,
+        "rows": rows,
+    }
+    if plot_path is not None:
+        grid = list(plot_rois) if plot_rois else [r for r in rois if r <= 256]
+        result["plot"] = plot_memory_vs_roi(
+            plot_path, model, grid, batch_size, num_samples, precision, fused_attention, device, ladder, budget_bytes
+        )
+    return result
+
+
+def _largest_batch(fits, max_batch: int) -> int | None:  # type: ignore[no-untyped-def]
+    if not fits(1):
+        return None
+    b = 1
+    while b * 2 <= max_batch and fits(b * 2):
+        b *= 2
+    return _search_largest(list(range(b, min(2 * b, max_batch + 1))), fits)
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as a fixed-width table."""
+    roi = "x".join(str(r) for r in plan["roi"]) if plan["roi"] else "-"
+    lines = [
+        f"budget {plan['budget_bytes'] / GIB:.1f} GiB per rank, {plan['precision']}, crops x{plan['num_samples']}, "
+        f"batch {plan['batch_size']}, requested roi {roi}, fused attention {'on' if plan['fused_attention'] else 'off'}"
+    ]
+    limit = list(plan["rows"][0]["largest_roi"]) if plan["rows"] else []
+    head = f"{'strategy':<8} {'ranks':>5}  " + "  ".join(f"{'max roi ' + n:>18}" for n in limit)
+    if plan["roi"]:
+        head += "  " + "  ".join(f"{'max batch ' + n:>20}" for n in limit) + f"  {'cheapest policy':<20} GiB"
+    lines.append(head)
+    for row in plan["rows"]:
+        line = f"{row['strategy']:<8} {row['world_size']:>5}  " + "  ".join(
+            f"{str(row['largest_roi'][n] or '-'):>18}" for n in limit
+        )
+        if plan["roi"]:
+            line += "  " + "  ".join(f"{str(row['largest_batch'][n] or '-'):>20}" for n in limit)
+            cheap = row.get("cheapest_policy") or "does not fit"
+            gib = f"{row['cheapest_policy_total'] / GIB:.1f}" if row.get("cheapest_policy") else ""
+            line += f"  {cheap:<20} {gib}"
+        lines.append(line)
+    if plan.get("plot"):
+        lines.append(f"plot: {plan['plot']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A line plot with PIL (matplotlib is not a dependency).
+
+_COLORS = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+)
+
+
+def plot_memory_vs_roi(
+    path: str | Path,
+    model: ModelConfig,
+    rois: Sequence[int],
+    batch_size: int = 1,
+    num_samples: int = 2,
+    precision: str = "bf16",
+    fused_attention: bool = True,
+    device: str = "cuda",
+    ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
+    budget_bytes: int | None = None,
+) -> str:
+    """PNG of estimated peak memory (one rank, no sharding) against cubic ROI, one line per ladder policy."""
+    from PIL import Image, ImageDraw
+
+    series = {}
+    for name, pol in ladder:
+        series[name] = [
+            estimate_memory(
+                model, r, batch_size, num_samples, precision, as_policy(pol), fused_attention, device=device
+            ).total
+            / GIB
+            for r in rois
+        ]
+    w, h, left, right, top, bottom = 900, 560, 70, 190, 40, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    ymax = max(max(v) for v in series.values())
+    if budget_bytes:
+        ymax = max(ymax, budget_bytes / GIB)
+    ymax *= 1.05
+    x0, x1 = min(rois), max(rois)
+
+    def px(r: float, g: float) -> tuple[float, float]:
+        x = left + (r - x0) / max(x1 - x0, 1) * (w - left - right)
+        y = h - bottom - g / ymax * (h - top - bottom)
+        return x, y
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for r in rois:
+        x, _ = px(r, 0)
+        d.line([x, h - bottom, x, h - bottom + 5], fill="black")
+        d.text((x - 10, h - bottom + 8), str(r), fill="black")
+    step = _nice_step(ymax)
+    g = 0.0
+    while g <= ymax:
+        _, y = px(x0, g)
+        d.line([left - 5, y, left, y], fill="black")
+        d.line([left, y, w - right, y], fill=(230, 230, 230))
+        d.text((8, y - 6), f"{g:g}", fill="black")
+        g += step
+    for i, (name, ys) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        pts = [px(r, v) for r, v in zip(rois, ys)]
+        d.line(pts, fill=color, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        d.text((w - right + 10, top + 16 * i), name, fill=color)
+    if budget_bytes:
+        _, y = px(x0, budget_bytes / GIB)
+        d.line([left, y, w - right, y], fill=(0, 0, 0), width=1)
+        d.text((w - right + 10, y - 6), f"budget {budget_bytes / GIB:g} GiB", fill="black")
+    title = (
+        f"estimated peak per rank (GiB) vs cubic ROI; feature {model.feature_size}, batch {batch_size}x{num_samples}, "
+        f"{precision}, {device}"
+    )
+    d.text((left, 12), title, fill="black")
+    d.text((w // 2 - 20, h - 20), "ROI (voxels per side)", fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    (Path(path).with_suffix(".json")).write_text(json.dumps({"rois": list(rois), "gib": series}, indent=1))
+    return str(path)
+
+
+def _nice_step(ymax: float) -> float:
+    for s in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100):
+        if ymax / s <= 10:
+            return float(s)
+    return 200.0

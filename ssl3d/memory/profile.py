@@ -1,0 +1,340 @@
+"""Measured peak memory of a few real training steps on the device at hand, next to the estimate.
+
+CUDA: ``max_memory_allocated`` / ``max_memory_reserved`` over the steps, a memory snapshot for PyTorch's viewer
+(https://pytorch.org/memory_viz) and, from one extra step under the storage tracker, peaks per top-level module
+and the breakdown by category.
+
+CPU: the same storage tracker on real tensors (live tensor bytes: what the estimator predicts for ``device="cpu"``)
+and the process's peak resident set size over a baseline taken before the model exists. For RSS to mean
+anything the process should be fresh and glibc should hand large blocks back to the kernel at once:
+``profile_in_subprocess`` runs the profile in a new interpreter with ``MALLOC_MMAP_THRESHOLD_=65536``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl3d.config import ModelConfig
+from ssl3d.memory.checkpointing import CheckpointPolicy, apply_activation_checkpointing, as_policy
+from ssl3d.memory.estimate import (
+    CATEGORIES,
+    GIB,
+    StorageTracker,
+    estimate_memory,
+    make_step_inputs,
+    normalize_roi,
+    training_step,
+)
+
+__all__ = ["current_rss_bytes", "peak_rss_bytes", "profile_in_subprocess", "profile_memory"]
+
+TOP_LEVEL = ("swinViT.patch_embed", "swinViT.layers1", "swinViT.layers2", "swinViT.layers3", "swinViT.layers4")
+HEADS = ("rotation_head", "contrastive_head", "conv")
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (kernel-tracked, so it catches peaks between samples)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _module_peaks(model: nn.Module, tracker: StorageTracker) -> tuple[dict[str, dict[str, int]], list[Any]]:
+    """Forward hooks on the top-level parts recording the tracker's max live bytes during each part's forward."""
+    stats: dict[str, dict[str, int]] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    state: dict[str, Any] = {}
+
+    def pre(name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            state[name] = (sum(tracker.current[:-1]), len(tracker.events))
+
+        return hook
+
+    def post(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            start, first = state.pop(name, (0, len(tracker.events)))
+            window = [sum(e[1:-1]) for e in tracker.events[first:]] or [start]
+            s = stats.setdefault(name, {"forward_peak": 0, "forward_delta_peak": 0, "kept_after_forward": 0})
+            s["forward_peak"] = max(s["forward_peak"], max(window))
+            s["forward_delta_peak"] = max(s["forward_delta_peak"], max(window) - start)
+            s["kept_after_forward"] = max(s["kept_after_forward"], sum(tracker.current[:-1]) - start)
+
+        return hook
+
+    for name in TOP_LEVEL + HEADS:
+        if name in modules:
+            handles.append(modules[name].register_forward_pre_hook(pre(name)))
+            handles.append(modules[name].register_forward_hook(post(name)))
+    return stats, handles
+
+
+def _cuda_module_peaks(model: nn.Module, dev: torch.device) -> tuple[dict[str, dict[str, int]], list[Any]]:
+    """Per top-level part: peak allocated during its forward (resets the device's peak counter around each)."""
+    stats: dict[str, dict[str, int]] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    start: dict[str, int] = {}
+
+    def pre(name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            torch.cuda.synchronize(dev)
+            start[name] = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        return hook
+
+    def post(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            torch.cuda.synchronize(dev)
+            peak, now, s0 = torch.cuda.max_memory_allocated(dev), torch.cuda.memory_allocated(dev), start.pop(name, 0)
+            stats[name] = {"forward_peak": peak, "forward_delta_peak": peak - s0, "kept_after_forward": now - s0}
+
+        return hook
+
+    for name in TOP_LEVEL + HEADS:
+        if name in modules:
+            handles.append(modules[name].register_forward_pre_hook(pre(name)))
+            handles.append(modules[name].register_forward_hook(post(name)))
+    return stats, handles
+
+
+def profile_memory(
+    model: ModelConfig,
+    roi: int | Sequence[int],
+    batch_size: int = 1,
+    num_samples: int = 2,
+    precision: str = "fp32",
+    policy: CheckpointPolicy | dict[str, Any] | str | None = None,
+    fused_attention: bool = True,
+    steps: int = 3,
+    device: str = "auto",
+    two_passes: bool = False,
+    snapshot_path: str | Path | None = None,
+    module_peaks: bool = True,
+    threads: int | None = None,
+    with_estimate: bool = True,
+    seed: int = 0,
+    breakdown: bool = True,
+) -> dict[str, Any]:
+    """Run ``steps`` real training steps and report measured peaks (bytes) next to ``estimate_memory``'s figure.
+
+    The first step also creates the optimizer states; all steps count towards the peaks, as in training.
+    ``breakdown`` (CPU): one extra step under the storage tracker for the breakdown by category and per-module peaks.
+    """
+    from ssl3d.model import build_model
+    from ssl3d.model.attention import apply_fused_attention
+    from ssl3d.ssl import SSLLoss
+
+    roi3 = normalize_roi(roi)
+    pol = as_policy(policy)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    cuda = dev.type == "cuda"
+    rss_baseline = current_rss_bytes()
+    torch.manual_seed(seed)
+    net = build_model(model).to(dev)
+    if fused_attention:
+        apply_fused_attention(net)
+    apply_activation_checkpointing(net, pol)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    inputs = make_step_inputs(roi3, batch_size, num_samples, dev)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for v in inputs.values():
+        if v.is_floating_point():
+            v.copy_(torch.rand(v.shape, generator=gen))
+    inputs["rot_labels"].copy_(torch.randint(0, 4, inputs["rot_labels"].shape, generator=gen))
+    loss_fn = SSLLoss()
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    measured: dict[str, Any] = {}
+    times: list[float] = []
+
+    def step(phase=lambda name: None) -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        training_step(net, optimizer, inputs, loss_fn, autocast_dtype=dtype, two_passes=two_passes, phase=phase)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+
+    # 1. Plain steps: the figures that count (no hooks, no dispatch mode that could change kernels).
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+        if snapshot_path:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+    for _ in range(max(1, steps)):
+        step()
+    if cuda:
+        measured["cuda_max_allocated"] = torch.cuda.max_memory_allocated(dev)
+        measured["cuda_max_reserved"] = torch.cuda.max_memory_reserved(dev)
+        if snapshot_path:
+            Path(snapshot_path).parent.mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(snapshot_path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            measured["snapshot"] = str(snapshot_path)
+    else:
+        measured["rss_baseline"] = rss_baseline
+        measured["rss_peak"] = peak_rss_bytes()
+        measured["rss_peak_over_baseline"] = measured["rss_peak"] - rss_baseline
+    # 2. One more step, watched: per-module forward peaks and (CPU) the breakdown by category.
+    stats: dict[str, dict[str, int]] = {}
+    if cuda and module_peaks:
+        stats, handles = _cuda_module_peaks(net, dev)
+        step()
+        for h in handles:
+            h.remove()
+    elif not cuda and (breakdown or module_peaks):
+        tracker = StorageTracker()
+        for p in params:
+            tracker.register(p, "parameters")
+        for b in net.buffers():
+            tracker.register(b, "buffers")
+        for state in optimizer.state.values():
+            for v in state.values():
+                tracker.register(v, "optimizer_states")
+        for v in inputs.values():
+            tracker.register(v, "inputs")
+        tracker.watch_gradients(params)
+        stats, handles = _module_peaks(net, tracker) if module_peaks else ({}, [])
+        with tracker:
+            tracker.mark()
+            step(tracker.set_phase)
+            tracker.mark()
+        times.pop()  # slowed down by the tracker
+        tracker.remove_hooks()
+        for h in handles:
+            h.remove()
+        totals = [sum(e[1:-1]) for e in tracker.events]
+        i = max(range(len(totals)), key=totals.__getitem__)
+        measured["tracked_peak"] = totals[i]
+        measured["tracked_breakdown"] = dict(zip(CATEGORIES, tracker.events[i][1:]))
+        measured["tracked_peak_phase"] = ("setup", "forward", "backward", "optimizer")[tracker.events[i][0]]
+    result: dict[str, Any] = {
+        "device": str(dev) if not cuda else torch.cuda.get_device_name(dev),
+        "config": {
+            "model": dataclasses.asdict(model),
+            "roi": list(roi3),
+            "batch_size": batch_size,
+            "num_samples": num_samples,
+            "precision": precision,
+            "policy": pol.label,
+            "fused_attention": fused_attention,
+            "two_passes": two_passes,
+            "steps": steps,
+        },
+        "measured": measured,
+        "module_peaks": stats,
+        "step_time_s": times,
+    }
+    if with_estimate:
+        est = estimate_memory(
+            model,
+            roi3,
+            batch_size,
+            num_samples,
+            precision,
+            pol,
+            fused_attention,
+            device="cuda" if cuda else "cpu",
+            two_passes=two_passes,
+        )
+        result["estimate"] = est.to_dict()
+        # CUDA: tensor bytes against max_memory_allocated; CPU: everything against the RSS growth.
+        if cuda:
+            result["estimate_vs_measured"] = est.breakdown["allocated_peak"] / max(measured["cuda_max_allocated"], 1)
+            result["reserved_estimate_vs_measured"] = est.breakdown["reserved"] / max(measured["cuda_max_reserved"], 1)
+        else:
+            result["estimate_vs_measured"] = est.breakdown["total"] / max(measured["rss_peak_over_baseline"], 1)
+    return result
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """Measured next to estimated, in GiB."""
+    m = result["measured"]
+    lines = [f"device {result['device']}  config {json.dumps(result['config'])}"]
+    for key in ("cuda_max_allocated", "cuda_max_reserved", "tracked_peak", "rss_peak_over_baseline"):
+        if key in m:
+            lines.append(f"measured {key:<24} {m[key] / GIB:8.3f} GiB")
+    if "estimate" in result:
+        b = result["estimate"]["bytes"]
+        lines.append(f"estimated allocated peak          {b['allocated_peak'] / GIB:8.3f} GiB")
+        lines.append(f"estimated total                   {b['total'] / GIB:8.3f} GiB")
+        lines.append(f"estimate / measured                {result['estimate_vs_measured']:8.3f}")
+    for name, s in result.get("module_peaks", {}).items():
+        lines.append(
+            f"  {name:<22} forward peak {s['forward_peak'] / GIB:7.3f} GiB, "
+            f"kept {s['kept_after_forward'] / GIB:7.3f} GiB"
+        )
+    times = result.get("step_time_s") or []
+    if times:
+        lines.append(f"step time {min(times):.2f}-{max(times):.2f} s over {len(times)} steps")
+    return "\n".join(lines)
+
+
+def profile_in_subprocess(timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``profile_memory(**kwargs)`` in a fresh interpreter, so peak RSS is this configuration's own.
+
+    ``model`` may be a ModelConfig; ``policy`` a CheckpointPolicy, a dict or a name.
+    """
+    args = dict(kwargs)
+    if isinstance(args.get("model"), ModelConfig):
+        args["model"] = dataclasses.asdict(args["model"])
+    if isinstance(args.get("policy"), CheckpointPolicy):
+        args["policy"] = args["policy"].to_dict()
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssl3d.memory.profile", "--json-args", json.dumps(args, default=str)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"profile subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="internal: profile_memory in this process, JSON result on stdout")
+    p.add_argument("--json-args", required=True)
+    a = p.parse_args(argv)
+    kwargs = json.loads(a.json_args)
+    model = kwargs.pop("model", {})
+    model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
+    with contextlib.redirect_stdout(sys.stderr):
+        result = profile_memory(model, **kwargs)
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    _main()
