@@ -45,8 +45,11 @@ class ModelConfig:
     decoder: Literal["vae", "deconv", "large_kernel_deconv"] = "vae"
     # Reproduce MONAI < 1.5 patch-merging order, which the released model_swinvit.pt was trained with.
     legacy_patch_merging: bool = False
-    # MONAI's own per-block checkpoint flag (the seed's --use_checkpoint).
+    # The seed's --use_checkpoint: checkpoint every Swin block and decoder stage (ssl3d's "full" policy) unless
+    # the ds_config's activation_checkpointing section says otherwise.
     use_checkpoint: bool = False
+    # Window attention through scaled_dot_product_attention in training too (MONAI uses it only without grad).
+    fused_attention: bool = True
     # Initialise from a model_swinvit.pt file or a reference / ssl3d checkpoint.
     init_weights: str | None = None
 

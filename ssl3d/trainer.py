@@ -6,6 +6,7 @@ crops, turned into two rotated and corrupted views that go through ONE batched f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,9 @@ from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
 from ssl3d.logger import RunLogger
+from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model import build_model
+from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer, lr_at
 from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
 from ssl3d.strategies import Strategy, read_checkpoint_weights
@@ -89,11 +92,21 @@ class Trainer:
 
         # Same initial weights on every rank (sharded backends rely on it).
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, cfg.ssl.contrastive_dim)
+        policy = strategy.ds_config.activation_checkpointing if strategy.ds_config else None
+        if not policy and cfg.model.use_checkpoint:
+            policy = {"policy": "full"}
+        # MONAI's own flag stays off: checkpointing is applied from outside, one mechanism for every backend.
+        model = build_model(dataclasses.replace(cfg.model, use_checkpoint=False), cfg.ssl.contrastive_dim)
         if cfg.model.init_weights:
             missing = load_init_weights(model, Path(cfg.model.init_weights))
             if strategy.is_main:
                 print(f"ssl3d: initialised from {cfg.model.init_weights} ({len(missing)} tensors left as built)")
+        # Memory tools, applied from outside the model before the strategy wraps it:
+        # fused attention -> activation checkpointing -> (strategy) compile / wrap / shard -> optimizer.
+        if cfg.model.fused_attention:
+            apply_fused_attention(model)
+        if policy:
+            apply_activation_checkpointing(model, policy)
         self.model, self.optimizer = strategy.setup(model, lambda params: build_optimizer(cfg.optim, params))
         self.loss_fn = SSLLoss(
             LossWeights(cfg.ssl.rotation_weight, cfg.ssl.contrastive_weight, cfg.ssl.reconstruction_weight),
