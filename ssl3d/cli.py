@@ -279,6 +279,86 @@ def run_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def parse_bytes(text: str) -> int:
+    """``32GiB``, ``32GB``, ``500MiB`` or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower().replace(" ", "")
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            t, mult = t[: -len(unit)], factor
+            break
+    else:
+        mult = 1
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise ConfigError(f"--budget: got {text!r}, expected a size such as 32GiB, 80GB or 500MiB") from None
+
+
+def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
+    """The run config and preset as the estimator's arguments (strategy, world size, offload, policy)."""
+    from ssl3d.ds_config import load_ds_config
+
+    cfg = build_config(a)
+    ds = load_ds_config(
+        cfg.ds_config,
+        cfg,
+        world_size=a.world_size,
+        device_type=a.device,
+        auto_precision="bf16" if a.device == "cuda" else "fp32",
+    )
+    strategy = {"deepspeed": f"zero{ds.zero_stage}" if ds.zero_stage else "ddp", "fairscale": "zero1"}.get(
+        ds.strategy, ds.strategy
+    )
+    policy = ds.activation_checkpointing or ({"policy": "full"} if cfg.model.use_checkpoint else None)
+    return {
+        "model": cfg.model,
+        "roi": cfg.data.roi,
+        "batch_size": cfg.train.batch_size,
+        "num_samples": cfg.data.num_samples,
+        "precision": ds.precision,
+        "policy": policy,
+        "fused_attention": cfg.model.fused_attention,
+        "strategy": "single" if strategy == "single" and a.world_size == 1 else strategy,
+        "world_size": a.world_size,
+        "offload_optimizer": ds.offload_optimizer.enabled or ds.fsdp.cpu_offload,
+        "offload_params": ds.offload_param.enabled or ds.fsdp.cpu_offload,
+    }
+
+
+def run_memory(a: argparse.Namespace) -> int:
+    import json
+
+    from ssl3d.memory.estimate import estimate_memory, format_estimate
+
+    setting = memory_setting(a)
+    if a.memory_cmd == "estimate":
+        est = estimate_memory(**setting, device=a.device)
+        print(est.to_json() if a.json else format_estimate(est))
+    elif a.memory_cmd == "profile":
+        from ssl3d.memory.profile import format_profile, profile_memory
+
+        keep = ("model", "roi", "batch_size", "num_samples", "precision", "policy", "fused_attention")
+        result = profile_memory(**{k: setting[k] for k in keep}, steps=a.steps, snapshot_path=a.snapshot)
+        print(json.dumps(result, indent=2, default=str) if a.json else format_profile(result))
+    else:
+        from ssl3d.memory.plan import format_plan, plan_memory
+
+        plan = plan_memory(
+            parse_bytes(a.budget),
+            setting["model"],
+            roi=setting["roi"],
+            batch_size=setting["batch_size"],
+            num_samples=setting["num_samples"],
+            precision=setting["precision"],
+            fused_attention=setting["fused_attention"],
+            device=a.device,
+            plot_path=a.plot,
+        )
+        print(json.dumps(plan, indent=2, default=str) if a.json else format_plan(plan))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssl3d", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +368,24 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint folder or run folder (newest checkpoint), or a weight file")
     e.add_argument("output", help="output path, e.g. model_swinvit.pt")
     e.add_argument("--allow-pickle", action="store_true", help="allow full unpickling (only for trusted files)")
+    mem = sub.add_parser("memory", help="estimate, profile and plan peak memory per rank")
+    msub = mem.add_subparsers(dest="memory_cmd", required=True)
+    for name, text in [
+        ("estimate", "predict the peak memory of one training step per rank, without the target device"),
+        ("profile", "run a few real steps on this device and report measured peaks next to the estimate"),
+        ("plan", "largest ROI / batch per backend and world size, cheapest checkpointing policy, for a budget"),
+    ]:
+        m = msub.add_parser(name, help=text)
+        add_run_flags(m)
+        m.add_argument("--world-size", type=int, default=1, help="ranks the preset runs on")
+        m.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="target device kind")
+        m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "profile":
+            m.add_argument("--steps", type=int, default=3)
+            m.add_argument("--snapshot", help="CUDA: write a memory snapshot for PyTorch's memory viewer here")
+        if name == "plan":
+            m.add_argument("--budget", required=True, help="device memory per rank, e.g. 32GiB")
+            m.add_argument("--plot", help="write a PNG of estimated peak memory against ROI per policy")
     d = sub.add_parser("data", help="data helpers")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("samples", help="fetch real public CT smoke-test samples from PyPI sdists, as NIfTI")
@@ -338,7 +436,7 @@ def guarded(fn, *args: Any) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = make_parser().parse_args(argv)
-    handlers = {"pretrain": run_pretrain, "export": run_export, "data": run_data}
+    handlers = {"pretrain": run_pretrain, "export": run_export, "data": run_data, "memory": run_memory}
     return guarded(handlers[a.command], a)
 
 

@@ -1,4 +1,5 @@
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -62,3 +63,17 @@ def test_missing_config_file_exits_2_without_traceback(tmp_path):
 def test_export_of_missing_checkpoint_is_a_user_error(argv, capsys):
     assert main(argv) == 2
     assert "missing_dir" in capsys.readouterr().err
+
+
+def test_memory_estimate_prints_a_breakdown_as_json(capsys):
+    args = ["memory", "estimate", "--json", "--device", "cpu", "--set", "model.feature_size=12"]
+    args += ["--set", "model.depths=[1,1,1,1]", "--set", "data.roi=[64,64,64]", "--set", "train.batch_size=1"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    parts = out["bytes"]
+    assert parts["total"] > parts["activations"] > 0 and parts["parameters"] > 0
+
+
+def test_memory_plan_rejects_a_bad_budget(capsys):
+    assert main(["memory", "plan", "--budget", "lots"]) == 2
+    assert "--budget" in capsys.readouterr().err
