@@ -5,8 +5,8 @@ computes exactly the single-process gradient up to float summation order. The lo
 heads of the tiny model (L1 reconstruction + rotation cross-entropy + mean contrastive embedding); the real SSL
 augmentations and losses are tested elsewhere.
 
-One spawn per backend runs all of that backend's scenarios in sequence (process start-up and imports dominate
-on 2 cores); rank 0 writes the results to ``<out>/<backend>.pt``.
+One spawn runs all scenarios of a group of backends in sequence (process start-up and imports dominate on 2
+cores); rank 0 writes the results to ``<out>/<group>.pt``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ SAVE_AFTER = 2  # the "plain" scenario checkpoints after this many steps; "resum
 class Scenario:
     name: str
     grad_accum: int = 1
-    checkpointing: bool = False
+    checkpointing: str | None = None  # "wrapper": torch's checkpoint_wrapper; "full": ssl3d.memory's policy
     nan_step: int | None = None  # make this step's loss NaN: the update must be skipped
     save_after: int | None = None
     resume_from: str | None = None  # a scenario whose checkpoint to load (then run the remaining steps)
@@ -58,7 +58,8 @@ class Scenario:
 SCENARIOS = {
     "plain": Scenario("plain", save_after=SAVE_AFTER),
     "accum2": Scenario("accum2", grad_accum=2),
-    "ckpt": Scenario("ckpt", grad_accum=2, checkpointing=True),
+    "ckpt": Scenario("ckpt", grad_accum=2, checkpointing="wrapper"),
+    "ckpt_full": Scenario("ckpt_full", grad_accum=2, checkpointing="full"),
     "nan": Scenario("nan", nan_step=1),
     "resume": Scenario("resume", resume_from="plain"),
     "load_weights": Scenario("load_weights", load_weights_from="plain"),
@@ -101,7 +102,8 @@ def deterministic_loss(model: torch.nn.Module, x: torch.Tensor, first_index: int
 
 
 def apply_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant activation checkpointing on every Swin block (what ssl3d.memory will apply)."""
+    """Non-reentrant checkpointing of every Swin block with torch's checkpoint_wrapper, which inserts
+    ``_checkpoint_wrapped_module.`` into parameter names (full_state_dict must strip it)."""
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
@@ -146,8 +148,12 @@ def make_strategy(preset: dict[str, Any], sc: Scenario, world: int, micro: int, 
     assert strategy.world_size == world
     torch.manual_seed(0)  # the same initial weights on every rank and in the reference
     model = build_model(TINY, CONTRASTIVE_DIM)
-    if sc.checkpointing:
+    if sc.checkpointing == "wrapper":
         apply_checkpointing(model)
+    elif sc.checkpointing:
+        from ssl3d.memory import apply_activation_checkpointing as apply_policy
+
+        apply_policy(model, sc.checkpointing)  # swaps block/decoder classes; names unchanged
     wrapped, _ = strategy.setup(model, make_optimizer)
     return strategy, wrapped
 
@@ -301,7 +307,7 @@ def reference(scenarios: list[str]) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     for name in scenarios:
-        sc = replace(SCENARIOS[name], checkpointing=False, save_after=None)
+        sc = replace(SCENARIOS[name], checkpointing=None, save_after=None)
         strategy = SingleStrategy(torch.device("cpu"), torch.float32, grad_accum=sc.grad_accum)
         torch.manual_seed(0)
         model = build_model(TINY, CONTRASTIVE_DIM)
