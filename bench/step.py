@@ -84,8 +84,16 @@ def run_one(a: argparse.Namespace) -> dict:
     device = torch.device(a.device)
     reference = a.mode == "reference"
     depths = tuple(a.depths)
-    mcfg = ModelConfig(feature_size=a.feature_size, depths=depths, use_checkpoint=a.use_checkpoint)
-    model = build_model(mcfg).to(device)
+    mcfg = ModelConfig(feature_size=a.feature_size, depths=depths, use_checkpoint=reference and a.use_checkpoint)
+    model = build_model(mcfg)
+    if not reference:
+        from ssl3d.memory import apply_activation_checkpointing
+        from ssl3d.model.attention import apply_fused_attention
+
+        if not a.eager_attention:
+            apply_fused_attention(model)
+        apply_activation_checkpointing(model, a.policy)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     loss_fn = SSLLoss()
     n = a.batch * a.crops
@@ -144,7 +152,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--use-checkpoint", action="store_true", help="MONAI's per-block checkpointing in both modes")
+    p.add_argument("--use-checkpoint", action="store_true", help="reference mode: MONAI's per-block checkpointing")
+    p.add_argument("--policy", default="none", help="ssl3d mode: activation checkpointing policy (none, full, ...)")
+    p.add_argument("--eager-attention", action="store_true", help="ssl3d mode: MONAI's eager window attention")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args()
     if a.mode:
@@ -157,7 +167,11 @@ def main() -> None:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"{mode:10s} step {r['step_time_s']:.2f} s  peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}")
+        label = a.policy if mode == "ssl3d" else ("use_checkpoint" if a.use_checkpoint else "plain")
+        print(
+            f"{mode:10s} {label:14s} step {r['step_time_s']:.2f} s  "
+            f"peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}"
+        )
     if len(results) == 2:
         ref, ours = results
         print(
