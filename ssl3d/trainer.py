@@ -134,9 +134,11 @@ class Trainer:
         views = make_views(x, generator, self.masking)  # both views stacked: [2N, C, H, W, D]
         with self.strategy.autocast():
             out = self.model(views.corrupted)
-        return self.loss_fn(
-            out.rotation.float(), views.rot_labels, out.contrastive.float(), out.reconstruction.float(), views.views
-        )
+        # With "gather_contrastive" in the preset, negatives come from every rank's batch (a no-op otherwise).
+        emb = out.contrastive.float()
+        n = emb.shape[0] // 2
+        emb = torch.cat([self.strategy.gather_embeddings(emb[:n]), self.strategy.gather_embeddings(emb[n:])])
+        return self.loss_fn(out.rotation.float(), views.rot_labels, emb, out.reconstruction.float(), views.views)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns mean losses and the gradient norm."""
