@@ -267,7 +267,7 @@ def _pack(t: Tensor) -> Any:
     if t.device.type != "cpu":
         pin = t.device.type == "cuda" and not t.is_sparse
         host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
-        host.copy_(t, non_blocking=pin)
+        host.copy_(t)  # blocking, as torch's save_on_cpu: the host copy is complete before t can be reused
         return (t.device, host, pin)
     if _SIMULATE_HOST is not None:
         with _SIMULATE_HOST():

@@ -249,7 +249,7 @@ def plot_memory_vs_roi(
     if budget_bytes:
         _, y = px(x0, budget_bytes / GIB)
         d.line([left, y, w - right, y], fill=(0, 0, 0), width=1)
-        d.text((w - right + 10, y - 6), f"budget {budget_bytes / GIB:g} GiB", fill="black")
+        d.text((left + 6, y - 14), f"budget {budget_bytes / GIB:g} GiB", fill="black")
     title = (
         f"estimated peak per rank (GiB) vs cubic ROI; feature {model.feature_size}, batch {batch_size}x{num_samples}, "
         f"{precision}, {device}"
