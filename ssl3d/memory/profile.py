@@ -42,7 +42,8 @@ from ssl3d.memory.estimate import (
 
 __all__ = ["current_rss_bytes", "peak_rss_bytes", "profile_in_subprocess", "profile_memory"]
 
-TOP_LEVEL = ("swinViT.patch_embed", "swinViT.layers1", "swinViT.layers2", "swinViT.layers3", "swinViT.layers4")
+# MONAI keeps each stage in a one-element ModuleList (never called itself): hook the stage, ``layers<i>.0``.
+TOP_LEVEL = ("swinViT.patch_embed", "swinViT.layers1.0", "swinViT.layers2.0", "swinViT.layers3.0", "swinViT.layers4.0")
 HEADS = ("rotation_head", "contrastive_head", "conv")
 
 
