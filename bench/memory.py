@@ -23,10 +23,10 @@ from ssl3d.memory.plan import DEFAULT_LADDER  # noqa: E402
 from ssl3d.memory.profile import profile_in_subprocess  # noqa: E402
 
 ROWS = [
-    ("eager, none (MONAI attention)", {"policy": "none"}, False, False),
-    ("eager, MONAI use_checkpoint", {"policy": "none"}, False, True),
+    ("eager-none", {"policy": "none"}, False, False),
+    ("eager-monai-use_checkpoint", {"policy": "none"}, False, True),
     *[(name, pol, True, False) for name, pol in DEFAULT_LADDER],
-    ("offload (no recompute)", {"policy": "offload"}, True, False),
+    ("offload-no-recompute", {"policy": "offload"}, True, False),
 ]
 
 
