@@ -200,8 +200,29 @@ def build_config(a: argparse.Namespace, seed_flags: bool = False) -> Config:
     return load_config(a.config, overrides)
 
 
+def check_run_inputs(cfg: Config) -> None:
+    """What the config alone cannot show, before any process group, model or loader exists: the datalists'
+    contents (their images too with data.on_bad_volume=fail) and the checkpoint that train.resume names."""
+    from ssl3d.checkpoint import resolve_resume
+    from ssl3d.data.datalist import load_datalists
+
+    problems: list[str] = []
+    if cfg.data.datalists:
+        try:
+            load_datalists(cfg.data, seed=cfg.train.seed, check_files=cfg.data.on_bad_volume == "fail")
+        except ConfigError as exc:
+            problems += exc.problems
+    try:
+        resolve_resume(cfg.train.resume, Path(cfg.train.logdir) / "checkpoints")
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+
+
 def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
     cfg = build_config(a, seed_flags)
+    check_run_inputs(cfg)
     from ssl3d.strategies import build_strategy
     from ssl3d.trainer import Trainer
 

@@ -228,7 +228,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
             hint = f"did you mean '{close[0]}'? " if close else ""
             problems.append(f"{dotted}: unknown key; {hint}valid keys: {', '.join(names)}")
             continue
-        kwargs[key] = _convert(value, hints[key], dotted, problems)
+        found: list[str] = []
+        converted = _convert(value, hints[key], dotted, found)
+        problems += found
+        if found and not dataclasses.is_dataclass(hints[key]):
+            continue  # keep the default, so the value checks still run on everything else
+        kwargs[key] = converted
     try:
         return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
     except TypeError as exc:  # pragma: no cover - defensive; types were checked above
@@ -289,8 +294,7 @@ def load_config(
         _apply_override(tree, key, value)
     problems: list[str] = []
     cfg = _build(Config, tree, "", problems)
-    if not problems:
-        problems += validate(cfg, check_files=check_files)
+    problems += validate(cfg, check_files=check_files)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -314,6 +318,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"model.patch_size: got {m.patch_size}, expected 2 (the decoders upsample by 32 = 2 x 2^4)")
     if m.window_size < 1:
         p.append(f"model.window_size: got {m.window_size}, expected a positive integer (reference: 7)")
+    if m.in_channels < 1:
+        p.append(f"model.in_channels: got {m.in_channels}, expected at least 1 (CT: 1)")
     if not 0.0 <= m.drop_path_rate < 1.0:
         p.append(f"model.drop_path_rate: got {m.drop_path_rate}, expected a value in [0, 1)")
     if m.init_weights and check_files and not Path(m.init_weights).is_file():
@@ -360,6 +366,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             p.append(f"ssl.{name}: got {getattr(s, name)}, expected 0 or more")
     if s.temperature <= 0:
         p.append(f"ssl.temperature: got {s.temperature}, expected a positive number (reference: 0.5)")
+    if s.contrastive_dim < 1:
+        p.append(f"ssl.contrastive_dim: got {s.contrastive_dim}, expected at least 1 (reference: 512)")
     if not 0.0 <= s.max_drop <= 1.0:
         p.append(f"ssl.max_drop: got {s.max_drop}, expected a fraction in [0, 1]")
     if not 0.0 < s.min_block <= s.max_block <= 1.0:
@@ -368,6 +376,10 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"optim.lr: got {o.lr}, expected a positive learning rate")
     if o.weight_decay < 0:
         p.append(f"optim.weight_decay: got {o.weight_decay}, expected 0 or more")
+    if not 0.0 <= o.momentum < 1.0:
+        p.append(f"optim.momentum: got {o.momentum}, expected a value in [0, 1) (reference: 0.9)")
+    if o.poly_power <= 0:
+        p.append(f"optim.poly_power: got {o.poly_power}, expected a positive exponent (reference: 0.9)")
     if o.warmup_steps < 0:
         p.append(f"optim.warmup_steps: got {o.warmup_steps}, expected 0 or more")
     if t.batch_size < 1:
@@ -384,6 +396,10 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"train.max_bad_steps: got {t.max_bad_steps}, expected at least 1")
     if t.log_every < 1:
         p.append(f"train.log_every: got {t.log_every}, expected at least 1")
+    if t.max_val_batches is not None and t.max_val_batches < 1:
+        p.append(f"train.max_val_batches: got {t.max_val_batches}, expected at least 1 or null (all)")
+    if check_files and Path(t.logdir).exists() and not Path(t.logdir).is_dir():
+        p.append(f"train.logdir: {t.logdir} is a file, not a folder; expected a (new or existing) folder")
     if t.grad_clip is not None and t.grad_clip <= 0:
         p.append(f"train.grad_clip: got {t.grad_clip}, expected a positive norm or null")
     if t.resume and t.resume != "auto" and check_files and not Path(t.resume).exists():

@@ -98,6 +98,22 @@ ZERO_AUTO_KNOBS = (
     "stage3_max_live_parameters",
     "stage3_max_reuse_distance",
 )
+ZERO_BOOL_KEYS = (
+    "contiguous_gradients",
+    "reduce_scatter",
+    "use_multi_rank_bucket_allreduce",
+    "allgather_partitions",
+    "overlap_comm",
+    "load_from_fp32_weights",
+    "elastic_checkpoint",
+    "stage3_gather_16bit_weights_on_model_save",
+    "stage3_use_all_reduce_for_fetch_params",
+    "ignore_unused_parameters",
+    "round_robin_gradients",
+    "zero_quantized_weights",
+    "zero_quantized_gradients",
+    "memory_efficient_linear",
+)
 OFFLOAD_PARAM_KEYS = ("device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "pin_memory")
 OFFLOAD_OPTIMIZER_KEYS = (
     "device",
@@ -319,7 +335,7 @@ def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offloa
         problems.append(
             f'zero_optimization.offload_optimizer: device "{off_opt.device}" needs stage 1, 2 or 3 (got stage 0)'
         )
-    for key in ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions"):
+    for key in ZERO_BOOL_KEYS:
         if key in zero and not isinstance(zero[key], bool):
             problems.append(f"zero_optimization.{key}: got {_js(zero[key])}, expected true/false")
     out = {}

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ssl3d.config import ConfigError
+
 if TYPE_CHECKING:
     from ssl3d.ds_config import DSConfig
 
@@ -45,7 +47,7 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU."""
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError('train.device: got "cuda" but no CUDA device is available; use "auto" or "cpu"')
+            raise ConfigError('train.device: got "cuda" but no CUDA device is available; use "auto" or "cpu"')
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
