@@ -6,6 +6,7 @@ User mistakes (bad config, missing file) print one line per problem and exit wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +75,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="a MONAI-style dataset JSON, optionally with its data root (repeatable)",
     )
     p.add_argument("--resume", help='checkpoint folder, run folder, or "auto" (newest in the log folder)')
+    p.add_argument(
+        "--fit-memory",
+        "--fit_memory",
+        dest="fit_memory",
+        metavar="SIZE",
+        help="device memory per rank, e.g. 32GiB: apply the cheapest activation checkpointing (and gradient caching) "
+        "that the estimator says fits",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -226,8 +235,11 @@ def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
     from ssl3d.strategies import build_strategy
     from ssl3d.trainer import Trainer
 
+    budget = parse_bytes(a.fit_memory, "--fit-memory") if a.fit_memory else None
     strategy = build_strategy(cfg)
     try:
+        if budget is not None:
+            apply_memory_fit(cfg, strategy, budget)
         trainer = Trainer(cfg, strategy)
         summary = trainer.fit()
         if strategy.is_main and summary:
@@ -301,7 +313,22 @@ def run_data(a: argparse.Namespace) -> int:
     return 0
 
 
-def parse_bytes(text: str) -> int:
+def apply_memory_fit(cfg: Config, strategy: Any, budget: int) -> None:
+    """``--fit-memory``: replace the run's checkpointing policy and gradient caching by the cheapest that fits."""
+    from ssl3d.memory.plan import fit_memory
+
+    assert strategy.ds_config is not None
+    setting = estimator_setting(cfg, strategy.ds_config, strategy.world_size)
+    for key in ("policy", "grad_cache_chunk"):
+        setting.pop(key)
+    fit = fit_memory(budget, device=strategy.device.type, **setting)
+    strategy.ds_config = dataclasses.replace(strategy.ds_config, activation_checkpointing=fit.policy)
+    cfg.ssl.grad_cache_chunk = fit.grad_cache_chunk
+    if strategy.is_main:
+        print(f"ssl3d: --fit-memory: {fit.describe(budget)}")
+
+
+def parse_bytes(text: str, flag: str = "--budget") -> int:
     """``32GiB``, ``32GB``, ``500MiB`` or a plain number of bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     t = text.strip().lower().replace(" ", "")
@@ -314,11 +341,11 @@ def parse_bytes(text: str) -> int:
     try:
         return int(float(t) * mult)
     except ValueError:
-        raise ConfigError(f"--budget: got {text!r}, expected a size such as 32GiB, 80GB or 500MiB") from None
+        raise ConfigError(f"{flag}: got {text!r}, expected a size such as 32GiB, 80GB or 500MiB") from None
 
 
 def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
-    """The run config and preset as the estimator's arguments (strategy, world size, offload, policy)."""
+    """The run config and preset of ``ssl3d memory`` as the estimator's arguments."""
     from ssl3d.ds_config import load_ds_config
 
     cfg = build_config(a)
@@ -329,6 +356,11 @@ def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
         device_type=a.device,
         auto_precision="bf16" if a.device == "cuda" else "fp32",
     )
+    return estimator_setting(cfg, ds, a.world_size)
+
+
+def estimator_setting(cfg: Config, ds: Any, world_size: int) -> dict[str, Any]:
+    """A run config and its resolved preset as the estimator's arguments (strategy, world size, offload, policy)."""
     strategy = {"deepspeed": f"zero{ds.zero_stage}" if ds.zero_stage else "ddp", "fairscale": "zero1"}.get(
         ds.strategy, ds.strategy
     )
@@ -341,10 +373,11 @@ def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
         "precision": ds.precision,
         "policy": policy,
         "fused_attention": cfg.model.fused_attention,
-        "strategy": "single" if strategy == "single" and a.world_size == 1 else strategy,
-        "world_size": a.world_size,
+        "strategy": "single" if strategy == "single" and world_size == 1 else strategy,
+        "world_size": world_size,
         "offload_optimizer": ds.offload_optimizer.enabled or ds.fsdp.cpu_offload,
         "offload_params": ds.offload_param.enabled or ds.fsdp.cpu_offload,
+        "grad_cache_chunk": cfg.ssl.grad_cache_chunk,
     }
 
 
@@ -361,6 +394,7 @@ def run_memory(a: argparse.Namespace) -> int:
         from ssl3d.memory.profile import format_profile, profile_memory
 
         keep = ("model", "roi", "batch_size", "num_samples", "precision", "policy", "fused_attention")
+        keep += ("grad_cache_chunk",)
         result = profile_memory(**{k: setting[k] for k in keep}, steps=a.steps, snapshot_path=a.snapshot)
         print(json.dumps(result, indent=2, default=str) if a.json else format_profile(result))
     else:

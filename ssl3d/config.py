@@ -87,6 +87,9 @@ class SSLConfig:
     min_block: float = 0.05  # cuboid side, fraction of each axis
     max_block: float = 0.25
     contrastive_dim: int = 512
+    # Views per forward/backward chunk with contrastive gradient caching (Gao et al., 2021): peak activation
+    # memory is that of one chunk, the gradients those of the whole batch. 0: all views in one pass (reference).
+    grad_cache_chunk: int = 0
 
 
 @dataclass
@@ -366,6 +369,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             p.append(f"ssl.{name}: got {getattr(s, name)}, expected 0 or more")
     if s.temperature <= 0:
         p.append(f"ssl.temperature: got {s.temperature}, expected a positive number (reference: 0.5)")
+    if s.grad_cache_chunk < 0:
+        p.append(f"ssl.grad_cache_chunk: got {s.grad_cache_chunk}, expected 0 (off) or the views per chunk (>= 1)")
     if s.contrastive_dim < 1:
         p.append(f"ssl.contrastive_dim: got {s.contrastive_dim}, expected at least 1 (reference: 512)")
     if not 0.0 <= s.max_drop <= 1.0:

@@ -29,6 +29,7 @@ from ssl3d.model import build_model
 from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer, lr_at
 from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
+from ssl3d.ssl.grad_cache import grad_cached_backward
 from ssl3d.strategies import Strategy, read_checkpoint_weights
 from ssl3d.strategies.single import load_extra
 
@@ -140,18 +141,43 @@ class Trainer:
         emb = torch.cat([self.strategy.gather_embeddings(emb[:n]), self.strategy.gather_embeddings(emb[n:])])
         return self.loss_fn(out.rotation.float(), views.rot_labels, emb, out.reconstruction.float(), views.views)
 
+    def _cached_forward_backward(self, x: torch.Tensor, sync: bool, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """``ssl.grad_cache_chunk`` views at a time, with the whole micro-batch's gradients (gradient caching).
+
+        Only the micro-batch's last chunk may reduce gradients across ranks (``sync``); ``scale`` is the NaN hook."""
+        views = make_views(x, self.generator, self.masking)
+        strategy = self.strategy
+
+        def backward(loss: torch.Tensor, last: bool) -> None:
+            strategy.backward(loss * scale, sync=sync and last)
+
+        losses = grad_cached_backward(
+            self.model,
+            views,
+            self.loss_fn,
+            self.cfg.ssl.grad_cache_chunk,
+            backward,
+            context=lambda last: strategy.accumulate(sync and last),
+            autocast=strategy.autocast,
+            gather=strategy.gather_embeddings,
+        )
+        return {k: v * scale for k, v in losses.items()}
+
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns mean losses and the gradient norm."""
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         lr = lr_at(self.cfg.optim, self.state.step, self.cfg.train.num_steps)
         self.strategy.set_lr(lr)
+        nan = float("nan") if self.state.step + 1 in self.planted_nan else 1.0
         for i, x in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            with self.strategy.accumulate(sync):
-                losses = self._forward_losses(x, self.generator)
-                if self.state.step + 1 in self.planted_nan:
-                    losses = {k: v * float("nan") for k, v in losses.items()}
-                self.strategy.backward(losses["total"], sync=sync)
+            if self.cfg.ssl.grad_cache_chunk:
+                losses = self._cached_forward_backward(x, sync, nan)
+            else:
+                with self.strategy.accumulate(sync):
+                    losses = self._forward_losses(x, self.generator)
+                    losses = {k: v * nan for k, v in losses.items()}
+                    self.strategy.backward(losses["total"], sync=sync)
             for k in LOSS_KEYS:
                 sums[k] += float(losses[k].detach()) / len(micro_batches)
         norm = float(self.strategy.step(self.cfg.train.grad_clip))

@@ -244,11 +244,35 @@ def training_step(
     *,
     autocast_dtype: torch.dtype | None = None,
     two_passes: bool = False,
+    grad_cache_chunk: int = 0,
     phase: Callable[[str], None] = lambda name: None,
 ) -> Tensor:
-    """Forward (one batched pass over both views, or the reference's one pass per view), losses, backward, step."""
+    """Forward (one batched pass over both views, or the reference's one pass per view), losses, backward, step.
+
+    ``grad_cache_chunk``: the trainer's contrastive gradient caching, that many views per forward/backward."""
     device_type = inputs["corrupted"].device.type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    if grad_cache_chunk and grad_cache_chunk < inputs["corrupted"].shape[0]:
+        from ssl3d.ssl import SSLViews
+        from ssl3d.ssl.grad_cache import grad_cached_backward
+
+        phase("forward")
+        views = SSLViews(inputs["views"], inputs["corrupted"], inputs["rot_labels"])
+        losses = grad_cached_backward(
+            model,
+            views,
+            loss_fn,
+            grad_cache_chunk,
+            lambda loss, last: (phase("backward"), loss.backward(), phase("forward")),
+            autocast=lambda: torch.autocast(device_type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext(),
+        )
+        phase("optimizer")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phase("setup")
+        return losses["total"]
     phase("forward")
     with ctx:
         x = inputs["corrupted"]
@@ -358,6 +382,7 @@ def _trace_cached(
     fused_attention: bool,
     cuda: bool,
     two_passes: bool,
+    grad_cache_chunk: int = 0,
 ) -> StepTrace:
     import time
 
@@ -409,6 +434,7 @@ def _trace_cached(
                     loss_fn,
                     autocast_dtype=dtype,
                     two_passes=two_passes,
+                    grad_cache_chunk=grad_cache_chunk,
                     phase=tracker.set_phase,
                 )
                 tracker.mark()
@@ -429,6 +455,7 @@ def trace_step(
     device: str = "cuda",
     two_passes: bool = False,
     contrastive_dim: int = 512,
+    grad_cache_chunk: int = 0,
 ) -> StepTrace:
     """Trace one unsharded training step (cached per configuration)."""
     if precision not in ("fp32", "bf16", "fp16"):
@@ -448,6 +475,7 @@ def trace_step(
         bool(fused_attention),
         device == "cuda",
         bool(two_passes),
+        int(grad_cache_chunk),
     )
 
 
@@ -608,6 +636,7 @@ def estimate_memory(
     runtime_bytes: int | None = None,
     reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
     overlap_comm: bool | None = None,
+    grad_cache_chunk: int = 0,
 ) -> MemoryEstimate:
     """Predicted peak memory per rank of one step (forward, backward, AdamW step), without the device.
 
@@ -615,10 +644,21 @@ def estimate_memory(
     rounded as the caching allocator does, + ``fragmentation`` headroom rounded to 2 MiB segments, + the CUDA
     context (``runtime_bytes``, default 0.5 GiB). ``"cpu"``: tensor bytes + a oneDNN convolution workspace model +
     ``runtime_bytes`` (default 96 MiB), comparable with the peak RSS growth ``profile_memory`` measures.
-    ``two_passes`` reproduces the reference (one forward per view).
+    ``two_passes`` reproduces the reference (one forward per view); ``grad_cache_chunk`` the trainer's contrastive
+    gradient caching (``ssl.grad_cache_chunk`` views per forward/backward).
     """
     trace = trace_step(
-        model, roi, batch_size, num_samples, precision, policy, fused_attention, device, two_passes, contrastive_dim
+        model,
+        roi,
+        batch_size,
+        num_samples,
+        precision,
+        policy,
+        fused_attention,
+        device,
+        two_passes,
+        contrastive_dim,
+        grad_cache_chunk,
     )
     cols, notes = _rank_bytes(
         trace,
@@ -662,6 +702,7 @@ def estimate_memory(
         "offload_params": offload_params,
         "device": device,
         "two_passes": two_passes,
+        "grad_cache_chunk": grad_cache_chunk,
         "parameters_count": trace.units["total"],
         "trace_seconds": round(trace.seconds, 2),
     }

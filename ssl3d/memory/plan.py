@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from ssl3d.config import ConfigError, ModelConfig
 from ssl3d.memory.checkpointing import CheckpointPolicy, as_policy
 from ssl3d.memory.estimate import GIB, STRATEGIES, estimate_memory, normalize_roi
 
-__all__ = ["DEFAULT_LADDER", "format_plan", "plan_memory", "plot_memory_vs_roi"]
+__all__ = ["DEFAULT_LADDER", "MemoryFit", "fit_memory", "format_plan", "plan_memory", "plot_memory_vs_roi"]
 
 # Cheapest first: recomputation (and host traffic) grows down the list.
 DEFAULT_LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -136,6 +137,96 @@ def plan_memory(
             plot_path, model, grid, batch_size, num_samples, precision, fused_attention, device, ladder, budget_bytes
         )
     return result
+
+
+@dataclass
+class MemoryFit:
+    """What ``ssl3d pretrain --fit-memory`` applies: a ladder policy and a gradient-caching chunk (0: off)."""
+
+    policy_name: str
+    policy: dict[str, Any]  # an activation_checkpointing section
+    grad_cache_chunk: int
+    estimate_bytes: int
+    tried: int  # configurations estimated
+
+    def describe(self, budget_bytes: int) -> str:
+        cache = (
+            f"gradient caching {self.grad_cache_chunk} views per chunk"
+            if self.grad_cache_chunk
+            else "no gradient caching"
+        )
+        return (
+            f"activation checkpointing {self.policy_name!r}, {cache}: estimated peak "
+            f"{self.estimate_bytes / GIB:.2f} GiB per rank of {budget_bytes / GIB:.2f} GiB"
+        )
+
+
+def fit_memory(
+    budget_bytes: int,
+    model: ModelConfig,
+    roi: int | Sequence[int],
+    batch_size: int,
+    num_samples: int,
+    *,
+    ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
+    **estimate_kwargs: Any,
+) -> MemoryFit:
+    """The cheapest way to run this step within ``budget_bytes`` per rank, by the estimator.
+
+    Cheapest first: the checkpointing ladder without gradient caching; then, when no rung fits, gradient caching
+    with halving chunks (each rung again), since caching costs one extra forward per step. Raises ``ConfigError``
+    with the largest cubic ROI that would fit when nothing does.
+    """
+    if budget_bytes <= 0:
+        raise ConfigError(f"--fit-memory: got {budget_bytes} bytes, expected a positive size such as 32GiB")
+    rows = 2 * batch_size * num_samples  # views per micro-batch
+    chunks = [0]
+    c = rows // 2
+    while c >= 1:
+        chunks.append(c)
+        c //= 2
+    if estimate_kwargs.get("device", "cuda") == "cpu":
+        # Offloading saved activations to host memory saves nothing when the device IS the host.
+        ladder = [
+            (n, sec) for n, sec in ladder if not (as_policy(sec).offload_to_cpu or as_policy(sec).policy == "offload")
+        ]
+    tried = 0
+
+    def total(section: dict[str, Any], chunk: int) -> int:
+        nonlocal tried
+        tried += 1
+        policy = as_policy(section)
+        return estimate_memory(
+            model, roi, batch_size, num_samples, policy=policy, grad_cache_chunk=chunk, **estimate_kwargs
+        ).total
+
+    # Peak memory is not monotone along the ladder (recomputation has temporaries of its own; for small models the
+    # decoder can dominate), so every rung is estimated in order, cheapest first; traces are cached.
+    smallest = None
+    for chunk in chunks:
+        for name, section in ladder:
+            t = total(section, chunk)
+            if t <= budget_bytes:
+                return MemoryFit(name, as_policy(section).to_dict(), chunk, t, tried)
+            smallest = t if smallest is None else min(smallest, t)
+    last_name, last_section = ladder[-1]
+    # Only smaller ROIs can fit (the requested one does not): a short search.
+    best_roi = _search_largest(
+        list(range(64, max(normalize_roi(roi)), 32)),
+        lambda r: (
+            estimate_memory(
+                model, r, batch_size, num_samples, policy=as_policy(last_section), grad_cache_chunk=1, **estimate_kwargs
+            ).total
+            <= budget_bytes
+        ),
+    )
+    hint = f"the largest cubic ROI that fits is {best_roi}" if best_roi else "not even ROI 64 fits"
+    raise ConfigError(
+        f"--fit-memory: ROI {list(normalize_roi(roi))} x batch {batch_size} x {num_samples} crops needs at least "
+        f"{smallest / GIB:.2f} GiB per rank (every checkpointing policy, gradient caching down to one view per "
+        f"chunk), over the budget of {budget_bytes / GIB:.2f} GiB; {hint} with {last_name!r} and one view per "
+        "chunk (or shard over more ranks)"
+    )
 
 
 def _largest_batch(fits, max_batch: int) -> int | None:  # type: ignore[no-untyped-def]

@@ -139,6 +139,7 @@ def profile_memory(
     with_estimate: bool = True,
     seed: int = 0,
     breakdown: bool = True,
+    grad_cache_chunk: int = 0,
 ) -> dict[str, Any]:
     """Run ``steps`` real training steps and report measured peaks (bytes) next to ``estimate_memory``'s figure.
 
@@ -181,7 +182,16 @@ def profile_memory(
         if cuda:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        training_step(net, optimizer, inputs, loss_fn, autocast_dtype=dtype, two_passes=two_passes, phase=phase)
+        training_step(
+            net,
+            optimizer,
+            inputs,
+            loss_fn,
+            autocast_dtype=dtype,
+            two_passes=two_passes,
+            grad_cache_chunk=grad_cache_chunk,
+            phase=phase,
+        )
         if cuda:
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
@@ -249,6 +259,7 @@ def profile_memory(
             "policy": pol.label,
             "fused_attention": fused_attention,
             "two_passes": two_passes,
+            "grad_cache_chunk": grad_cache_chunk,
             "steps": steps,
         },
         "measured": measured,
@@ -266,6 +277,7 @@ def profile_memory(
             fused_attention,
             device="cuda" if cuda else "cpu",
             two_passes=two_passes,
+            grad_cache_chunk=grad_cache_chunk,
         )
         result["estimate"] = est.to_dict()
         # CUDA: tensor bytes against max_memory_allocated; CPU: everything against the RSS growth.

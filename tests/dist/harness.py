@@ -53,6 +53,8 @@ class Scenario:
     load_weights_from: str | None = None  # round-trip that scenario's full_state_dict through load_model_weights
     gather: bool = False  # add a batch-coupled term on contrastive embeddings gathered from all ranks
     precision: str = "fp32"  # train.precision of the run config ("auto" values in the preset follow it)
+    ssl_loss: bool = False  # the real SSLLoss (contrastive over both views) instead of deterministic_loss
+    grad_cache: int = 0  # with ssl_loss: views per chunk through ssl3d.ssl.grad_cache (0: one pass)
 
 
 SCENARIOS = {
@@ -65,6 +67,9 @@ SCENARIOS = {
     "load_weights": Scenario("load_weights", load_weights_from="plain"),
     "gather": Scenario("gather", gather=True),
     "bf16": Scenario("bf16", precision="bf16"),
+    # The real SSL loss with negatives from the global batch; the reference runs it in one pass on one process.
+    "ssl_accum2": Scenario("ssl_accum2", ssl_loss=True, gather=True, grad_accum=2),
+    "gradcache": Scenario("gradcache", ssl_loss=True, gather=True, grad_cache=1, grad_accum=2),
 }
 
 
@@ -98,6 +103,46 @@ def deterministic_loss(model: torch.nn.Module, x: torch.Tensor, first_index: int
     if gather is not None:
         z = gather(out.contrastive.float())  # [global batch, E]
         loss = loss + torch.logsumexp(z @ z.T / 10.0, dim=1).mean()
+    return loss
+
+
+def fixed_views(x: torch.Tensor, first_index: int):
+    """Two deterministic "views" of a micro-batch (no random augmentation), as ssl3d.ssl.make_views stacks them."""
+    from ssl3d.ssl import SSLViews
+
+    labels = (torch.arange(x.shape[0], device=x.device) + first_index) % 4
+    views = torch.cat([x, x.flip(-1)])
+    return SSLViews(views=views, corrupted=views * 0.5 + 0.1, rot_labels=torch.cat([labels, (labels + 1) % 4]))
+
+
+def ssl_step(strategy, model, x: torch.Tensor, first_index: int, sc: Scenario, sync: bool, world: int) -> torch.Tensor:
+    """Forward + backward of the real SSL loss; with ``sc.grad_cache`` through gradient caching in chunks."""
+    from ssl3d.ssl import SSLLoss
+    from ssl3d.ssl.grad_cache import grad_cached_backward
+
+    loss_fn = SSLLoss(temperature=0.5)
+    views = fixed_views(x, first_index)
+    gather = strategy.gather_embeddings if world > 1 else (lambda t: t)
+    if sc.grad_cache:
+        losses = grad_cached_backward(
+            model,
+            views,
+            loss_fn,
+            sc.grad_cache,
+            lambda loss, last: strategy.backward(loss, sync=sync and last),
+            context=lambda last: strategy.accumulate(sync and last),
+            autocast=strategy.autocast,
+            gather=gather,
+        )
+        return losses["total"]
+    with strategy.accumulate(sync):
+        with strategy.autocast():
+            out = model(views.corrupted)
+        n = x.shape[0]
+        emb = out.contrastive.float()
+        emb = torch.cat([gather(emb[:n]), gather(emb[n:])])
+        loss = loss_fn(out.rotation, views.rot_labels, emb, out.reconstruction, views.views)["total"]
+        strategy.backward(loss, sync=sync)
     return loss
 
 
@@ -184,6 +229,10 @@ def train(
         for m in range(sc.grad_accum):
             sync = m == sc.grad_accum - 1
             x = data[step, m, rank * micro : (rank + 1) * micro]
+            if sc.ssl_loss:
+                loss = ssl_step(strategy, model, x, rank * micro, sc, sync, world)
+                total += float(loss.detach()) / sc.grad_accum
+                continue
             with strategy.accumulate(sync):
                 with strategy.autocast():
                     gather = (strategy.gather_embeddings if world > 1 else lambda t: t) if sc.gather else None
@@ -307,7 +356,7 @@ def reference(scenarios: list[str]) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     for name in scenarios:
-        sc = replace(SCENARIOS[name], checkpointing=None, save_after=None)
+        sc = replace(SCENARIOS[name], checkpointing=None, save_after=None, grad_cache=0)
         strategy = SingleStrategy(torch.device("cpu"), torch.float32, grad_accum=sc.grad_accum)
         torch.manual_seed(0)
         model = build_model(TINY, CONTRASTIVE_DIM)

@@ -43,9 +43,9 @@ def preset(name: str, **overrides: Any) -> dict[str, Any]:
 TORCH_OPT = {"zero_force_ds_cpu_optimizer": False}
 ALL = ["plain", "accum2", "ckpt", "nan", "resume", "load_weights"]
 JOBS = {
-    "ddp": H.Job("ddp", preset("ddp"), scenarios=[*ALL, "gather", "bf16"]),
+    "ddp": H.Job("ddp", preset("ddp"), scenarios=[*ALL, "gather", "bf16", "gradcache"]),
     "fairscale": H.Job("fairscale", preset("fairscale"), scenarios=ALL),
-    "fsdp": H.Job("fsdp", preset("fsdp"), scenarios=[*ALL, "ckpt_full", "bf16"]),
+    "fsdp": H.Job("fsdp", preset("fsdp"), scenarios=[*ALL, "ckpt_full", "bf16", "gradcache"]),
     "fsdp_offload_stage": H.Job(
         "fsdp_offload_stage",
         preset("fsdp_offload", fsdp={"shard": "stage", "cpu_offload": True, "reshard_after_forward": False}),
@@ -58,8 +58,8 @@ JOBS = {
         scenarios=["plain", "nan", "resume", "bf16"],
     ),
     "zero1": H.Job("zero1", preset("zero1"), scenarios=ALL),
-    "zero2": H.Job("zero2", preset("zero2"), scenarios=ALL),
-    "zero3": H.Job("zero3", preset("zero3"), scenarios=[*ALL, "ckpt_full", "bf16"]),
+    "zero2": H.Job("zero2", preset("zero2"), scenarios=[*ALL, "gradcache"]),
+    "zero3": H.Job("zero3", preset("zero3"), scenarios=[*ALL, "ckpt_full", "bf16", "gradcache"]),
     "zero2_offload": H.Job("zero2_offload", preset("zero2_offload", **TORCH_OPT), scenarios=["plain", "resume"]),
     "zero3_offload": H.Job(
         "zero3_offload", preset("zero3_offload", **TORCH_OPT), scenarios=["plain", "ckpt", "resume"]
@@ -81,6 +81,7 @@ REFERENCE_OF = {
     "nan": "nan",
     "resume": "plain",
     "gather": "gather",
+    "gradcache": "ssl_accum2",
 }
 
 _cache: dict[str, Any] = {}
@@ -93,7 +94,7 @@ def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference() -> dict[str, Any]:
-    return H.reference(["plain", "accum2", "nan", "gather"])
+    return H.reference(["plain", "accum2", "nan", "gather", "ssl_accum2"])
 
 
 def results(backend: str, out_dir: Path) -> dict[str, Any]:
@@ -126,7 +127,9 @@ def cases(scenarios: tuple[str, ...]) -> list[Any]:
     return [pytest.param(b, s, id=f"{b}-{s}") for b, job in JOBS.items() for s in scenarios if s in job.scenarios]
 
 
-@pytest.mark.parametrize(("backend", "name"), cases(("plain", "accum2", "ckpt", "ckpt_full", "nan", "gather")))
+@pytest.mark.parametrize(
+    ("backend", "name"), cases(("plain", "accum2", "ckpt", "ckpt_full", "nan", "gather", "gradcache"))
+)
 def test_matches_single_process(backend: str, name: str, out_dir: Path, reference: dict[str, Any]) -> None:
     """Same parameters and gradient norms as one process on the global batch (accumulation, checkpointing, a
     loss coupling all samples of the global batch through gather_embeddings)."""
