@@ -52,6 +52,22 @@ def is_complete(directory: Path) -> bool:
     return (directory / COMPLETE).is_file()
 
 
+def kill_hook(variable: str, step: int, rank: int) -> None:
+    """Test hook: SIGKILL this process when the environment variable names this step and rank.
+
+    ``SSL3D_KILL_AT_STEP`` (after that optimizer step) and ``SSL3D_KILL_DURING_SAVE`` (after this rank has
+    written its part of that step's checkpoint, before the folder is marked complete) take ``STEP`` (every rank)
+    or ``STEP:RANK`` (that rank only). Under torchrun they fire on the first attempt only
+    (``TORCHELASTIC_RESTART_COUNT`` 0), so an elastic restart runs through.
+    """
+    raw = os.environ.get(variable)
+    if not raw or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    want_step, _, want_rank = raw.partition(":")
+    if int(want_step) == step and (not want_rank or int(want_rank) == rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class CheckpointManager:
     """Step folders ``step_XXXXXXXX`` (the newest ``keep`` kept) and ``best`` under one root."""
 
@@ -68,8 +84,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         s.barrier()
         s.save(tmp, extra)
-        if os.environ.get("SSL3D_KILL_DURING_SAVE") == final.name.removeprefix("step_").lstrip("0"):  # test hook
-            os.kill(os.getpid(), signal.SIGKILL)
+        if STEP_DIR.match(final.name):
+            kill_hook("SSL3D_KILL_DURING_SAVE", int(final.name.removeprefix("step_")), s.rank)
         s.barrier()
         if s.is_main:
             (tmp / COMPLETE).write_text(json.dumps({"step": extra.get("step"), "strategy": s.name}))

@@ -315,7 +315,7 @@ def run_data(a: argparse.Namespace) -> int:
 
 def apply_memory_fit(cfg: Config, strategy: Any, budget: int) -> None:
     """``--fit-memory``: replace the run's checkpointing policy and gradient caching by the cheapest that fits."""
-    from ssl3d.memory.plan import fit_memory
+    from ssl3d.memory.plan import estimator_setting, fit_memory
 
     assert strategy.ds_config is not None
     setting = estimator_setting(cfg, strategy.ds_config, strategy.world_size)
@@ -356,29 +356,9 @@ def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
         device_type=a.device,
         auto_precision="bf16" if a.device == "cuda" else "fp32",
     )
+    from ssl3d.memory.plan import estimator_setting
+
     return estimator_setting(cfg, ds, a.world_size)
-
-
-def estimator_setting(cfg: Config, ds: Any, world_size: int) -> dict[str, Any]:
-    """A run config and its resolved preset as the estimator's arguments (strategy, world size, offload, policy)."""
-    strategy = {"deepspeed": f"zero{ds.zero_stage}" if ds.zero_stage else "ddp", "fairscale": "zero1"}.get(
-        ds.strategy, ds.strategy
-    )
-    policy = ds.activation_checkpointing or ({"policy": "full"} if cfg.model.use_checkpoint else None)
-    return {
-        "model": cfg.model,
-        "roi": cfg.data.roi,
-        "batch_size": cfg.train.batch_size,
-        "num_samples": cfg.data.num_samples,
-        "precision": ds.precision,
-        "policy": policy,
-        "fused_attention": cfg.model.fused_attention,
-        "strategy": "single" if strategy == "single" and world_size == 1 else strategy,
-        "world_size": world_size,
-        "offload_optimizer": ds.offload_optimizer.enabled or ds.fsdp.cpu_offload,
-        "offload_params": ds.offload_param.enabled or ds.fsdp.cpu_offload,
-        "grad_cache_chunk": cfg.ssl.grad_cache_chunk,
-    }
 
 
 def run_memory(a: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ssl3d.checkpoint import CheckpointManager, export_swinvit, load_init_weights, resolve_resume
+from ssl3d.checkpoint import CheckpointManager, export_swinvit, kill_hook, load_init_weights, resolve_resume
 from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
@@ -56,6 +56,7 @@ class LoopState:
     batch_in_epoch: int = 0  # batches of this epoch already consumed
     best_val: float = math.inf
     bad_steps_in_row: int = 0
+    overflows_in_row: int = 0  # fp16 loss-scale overflows (skipped steps that lowered the scale)
     skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # first/last losses for the summary
 
@@ -269,6 +270,7 @@ class Trainer:
             "batch_in_epoch": s.batch_in_epoch,
             "best_val": s.best_val,
             "bad_steps_in_row": s.bad_steps_in_row,
+            "overflows_in_row": s.overflows_in_row,
             "skipped_steps": s.skipped_steps,
             "history": json.dumps(s.history),
             "generator": self.generator.get_state(),
@@ -304,6 +306,7 @@ class Trainer:
         s.step, s.epoch, s.batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
         s.best_val = float(extra["best_val"])
         s.bad_steps_in_row = int(extra.get("bad_steps_in_row", 0))
+        s.overflows_in_row = int(extra.get("overflows_in_row", 0))
         s.skipped_steps = int(extra.get("skipped_steps", 0))
         s.history = json.loads(extra.get("history", "[]"))
         self.generator.set_state(extra["generator"])
@@ -312,6 +315,26 @@ class Trainer:
             torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
         if self.strategy.is_main:
             print(f"ssl3d: resumed from {directory} at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch})")
+
+    def _last_checkpoint_text(self) -> str:
+        last = self.checkpoints.latest()
+        return f"last good checkpoint: {last}" if last else "no checkpoint written yet"
+
+    def _underflow_help(self, step: int, scale: float) -> str:
+        return (
+            f"step {step}: fp16 loss scale underflow: after {max(self.state.overflows_in_row, 1)} gradient overflows "
+            f"in a row the scale is {scale:g}, below fp16.min_loss_scale ({self.strategy.min_loss_scale:g}): "
+            'gradients overflow fp16 even unscaled; train in bf16 (train.precision=bf16, or "bf16": '
+            f'{{"enabled": true}} in the preset) or lower optim.lr; {self._last_checkpoint_text()}'
+        )
+
+    def _out_of_memory_help(self, exc: BaseException) -> str:
+        """What ran out, what the estimator expected, and what the planner suggests (one message, no traceback)."""
+        from ssl3d.memory.plan import out_of_memory_help
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        advice = out_of_memory_help(self.cfg, self.strategy)
+        return f"step {self.state.step + 1}: out of memory ({first}); {advice}; {self._last_checkpoint_text()}"
 
     def save(self) -> Path:
         return self.checkpoints.save(self.state.step, self._extra())
@@ -337,24 +360,44 @@ class Trainer:
         while s.step < cfg.train.num_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-            losses, norm = self.train_step(micro)
+            scale_before = strategy.loss_scale()
+            try:
+                losses, norm = self.train_step(micro)
+            except torch.OutOfMemoryError as exc:
+                bar.close()
+                del micro
+                raise TrainingStopped(self._out_of_memory_help(exc)) from None
+            except Exception as exc:
+                if "loss scale already at minimum" not in str(exc):  # DeepSpeed's own fp16 underflow stop
+                    raise
+                bar.close()
+                raise TrainingStopped(self._underflow_help(s.step + 1, scale_before or 0.0)) from None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             s.step += 1
+            kill_hook("SSL3D_KILL_AT_STEP", s.step, strategy.rank)  # test hook: SIGKILL after this step
+            scale = strategy.loss_scale()
             if math.isfinite(norm) and math.isfinite(losses["total"]):
-                s.bad_steps_in_row = 0
+                s.bad_steps_in_row = s.overflows_in_row = 0
+            elif math.isfinite(losses["total"]) and scale is not None and scale < (scale_before or 0.0):
+                # fp16 gradient overflow: the loss scaler skipped the step and lowered the scale (normal while the
+                # scale settles); only a scale falling below fp16.min_loss_scale ends the run.
+                s.skipped_steps += 1
+                s.overflows_in_row += 1
+                if scale < strategy.min_loss_scale:
+                    bar.close()
+                    raise TrainingStopped(self._underflow_help(s.step, scale))
             else:
                 s.bad_steps_in_row += 1
                 s.skipped_steps += 1
                 warnings.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped")
                 if s.bad_steps_in_row >= cfg.train.max_bad_steps:
                     bar.close()
-                    last = self.checkpoints.latest()
-                    where = f"last good checkpoint: {last}" if last else "no checkpoint written yet"
                     raise TrainingStopped(
                         f"step {s.step}: {s.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps); "
-                        f"{where}; lower optim.lr or set train.grad_clip, then resume with --resume auto"
+                        f"{self._last_checkpoint_text()}; lower optim.lr or set train.grad_clip, then resume with "
+                        "--resume auto"
                     )
             record = {"step": s.step, **{k: losses[k] for k in LOSS_KEYS}}
             s.history = (s.history[:1] + [record])[-2:] if s.history else [record]
@@ -362,6 +405,8 @@ class Trainer:
                 scalars = {f"train/loss_{k}": losses[k] for k in LOSS_KEYS}
                 scalars |= {"train/lr": losses["lr"], "train/grad_norm": norm, "perf/step_time_s": dt}
                 scalars["train/skipped_steps"] = s.skipped_steps
+                if scale is not None:
+                    scalars["train/loss_scale"] = scale
                 scalars["perf/volumes_per_s"] = volumes_per_step / dt
                 scalars |= {f"memory/{k}": v for k, v in strategy.memory_report().items()}
                 self.log.scalars(scalars, s.step)

@@ -264,9 +264,11 @@ def training_step(
             loss_fn,
             grad_cache_chunk,
             lambda loss, last: (phase("backward"), loss.backward(), phase("forward")),
-            autocast=lambda: torch.autocast(device_type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext(),
+            autocast=lambda: (
+                torch.autocast(device_type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            ),
         )
         phase("optimizer")
         optimizer.step()

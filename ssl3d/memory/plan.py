@@ -161,6 +161,72 @@ class MemoryFit:
         )
 
 
+def estimator_setting(cfg: Any, ds: Any, world_size: int) -> dict[str, Any]:
+    """A run config and its resolved preset as the estimator's arguments (strategy, world size, offload, policy)."""
+    strategy = {"deepspeed": f"zero{ds.zero_stage}" if ds.zero_stage else "ddp", "fairscale": "zero1"}.get(
+        ds.strategy, ds.strategy
+    )
+    policy = ds.activation_checkpointing or ({"policy": "full"} if cfg.model.use_checkpoint else None)
+    return {
+        "model": cfg.model,
+        "roi": cfg.data.roi,
+        "batch_size": cfg.train.batch_size,
+        "num_samples": cfg.data.num_samples,
+        "precision": ds.precision,
+        "policy": policy,
+        "fused_attention": cfg.model.fused_attention,
+        "strategy": "single" if strategy == "single" and world_size == 1 else strategy,
+        "world_size": world_size,
+        "offload_optimizer": ds.offload_optimizer.enabled or ds.fsdp.cpu_offload,
+        "offload_params": ds.offload_param.enabled or ds.fsdp.cpu_offload,
+        "grad_cache_chunk": cfg.ssl.grad_cache_chunk,
+    }
+
+
+def out_of_memory_help(cfg: Any, strategy: Any) -> str:
+    """For an out-of-memory stop: the measured peak, the estimate for this run, and the planner's suggestion.
+
+    Never raises: whatever cannot be worked out is left out of the message rather than hiding the real error."""
+    parts = []
+    capacity = None
+    try:
+        import torch
+
+        if strategy.device.type == "cuda":
+            peak = torch.cuda.max_memory_reserved(strategy.device)
+            capacity = torch.cuda.get_device_properties(strategy.device).total_memory
+            parts.append(f"measured peak {peak / GIB:.2f} GiB reserved of {capacity / GIB:.2f} GiB on this device")
+        else:
+            import psutil
+
+            capacity = psutil.virtual_memory().total
+            rss = strategy.memory_report().get("host_rss_peak_gib")
+            if rss is not None:
+                parts.append(f"measured peak RSS {rss:.2f} GiB of {capacity / GIB:.2f} GiB host memory")
+        setting = estimator_setting(cfg, strategy.ds_config, strategy.world_size) if strategy.ds_config else None
+    except Exception:  # noqa: BLE001 - advice only
+        setting = None
+    if setting is not None:
+        device = strategy.device.type
+        try:
+            est = estimate_memory(**setting, device=device).total
+            parts.append(f"the estimate for this run is {est / GIB:.2f} GiB per rank")
+        except Exception:  # noqa: BLE001 - advice only
+            pass
+        if capacity:
+            for key in ("policy", "grad_cache_chunk"):
+                setting.pop(key)
+            try:
+                fit = fit_memory(capacity, device=device, **setting)
+                parts.append(f"--fit-memory {capacity / GIB:.0f}GiB would use {fit.describe(capacity)}")
+            except ConfigError as err:
+                parts.append(str(err).replace("--fit-memory: ", "the planner: "))
+            except Exception:  # noqa: BLE001 - advice only
+                pass
+    parts.append("see ssl3d memory estimate / plan")
+    return "; ".join(parts)
+
+
 def fit_memory(
     budget_bytes: int,
     model: ModelConfig,

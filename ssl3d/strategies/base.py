@@ -137,6 +137,15 @@ class Strategy(ABC):
 
         A non-finite norm skips the update (no weight or optimizer-state change)."""
 
+    def loss_scale(self) -> float | None:
+        """The current fp16 loss scale; None when the run does not scale its loss (fp32, bf16)."""
+        return None
+
+    @property
+    def min_loss_scale(self) -> float:
+        """Below this fp16 loss scale the run stops (``fp16.min_loss_scale`` in the preset, DeepSpeed's default 1)."""
+        return float(self.ds_config.fp16.get("min_loss_scale", 1.0)) if self.ds_config else 1.0
+
     def set_lr(self, lr: float) -> None:
         assert self.optimizer is not None
         for group in self.optimizer.param_groups:

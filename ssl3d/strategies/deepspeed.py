@@ -149,6 +149,16 @@ class DeepSpeedStrategy(Strategy):
             norm = torch.as_tensor(float("nan") if value is None else value, dtype=torch.float32).detach().cpu()
         return norm.float()
 
+    def loss_scale(self) -> float | None:
+        """DeepSpeed's dynamic fp16 loss scale (its fp16 and ZeRO optimizers keep it as ``cur_scale``)."""
+        if self.ds_config is None or self.ds_config.precision != "fp16":
+            return None
+        opt = self.engine.optimizer
+        scale = getattr(opt, "cur_scale", None)
+        if scale is None:
+            scale = getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
+        return None if scale is None else float(scale)
+
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr

@@ -31,9 +31,18 @@ class SingleStrategy(Strategy):
         self.module = model.to(self.device)
         self.model = self.wrap(self.module)
         self.optimizer = make_optimizer(self.model.parameters())
-        # fp16 needs loss scaling; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # fp16 needs loss scaling; bf16 and fp32 do not. The preset's fp16 section (DeepSpeed vocabulary) sets it.
+        opts = self.ds_config.fp16 if self.ds_config else {}
+        self.scaler = torch.amp.GradScaler(
+            self.device.type,
+            init_scale=2.0 ** opts.get("initial_scale_power", 16),
+            growth_interval=opts.get("loss_scale_window", 1000),
+            enabled=self.dtype == torch.float16,
+        )
         return self.model, self.optimizer
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
