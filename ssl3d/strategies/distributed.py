@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,29 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_attempt_store(env))
     return env
+
+
+def _attempt_store(env: DistEnv) -> dist.Store | None:
+    """Under torchrun, the agent's store with keys of this attempt only; None (``env://``) elsewhere.
+
+    torchrun's default rendezvous (``--master-port``, static) keeps ONE store for all attempts of a job, and
+    ``env://`` writes every attempt's keys under the same names: after a ``--max-restarts`` restart the new
+    workers read the dead attempt's gloo/NCCL addresses and fail to connect ("Connection refused"). Prefixing the
+    keys with the attempt number (``TORCHELASTIC_RESTART_COUNT``) gives each attempt its own.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    return dist.PrefixStore(f"ssl3d/attempt_{attempt}/default_pg", store)
 
 
 def is_distributed() -> bool:
