@@ -6,6 +6,7 @@ states; the step time reported is the best of the later steps (the CPU may be sh
 
     python bench/memory.py                      # full-size model, ROI 64, batch 1 x 2 crops, CPU
     python bench/memory.py --roi 96 --device cuda --precision bf16 --json out.json
+    python bench/memory.py --crops 4 --only none,full --grad-cache-chunk 2   # gradient caching, 2 of 8 views
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--only", help="comma list of row names to run (default: all)")
+    p.add_argument("--grad-cache-chunk", type=int, default=0, help="views per chunk with gradient caching (0: off)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args()
     rows = [r for r in ROWS if not a.only or r[0] in a.only.split(",")]
@@ -51,7 +53,8 @@ def main() -> None:
     )
     print(
         f"full-size={a.feature_size == 48} feature {a.feature_size}, ROI {a.roi}^3, batch {a.batch} x {a.crops} crops "
-        f"(x2 views), {a.precision}, {a.device}, {a.threads} threads"
+        f"(x2 views), {a.precision}, {a.device}, {a.threads} threads, gradient caching "
+        f"{a.grad_cache_chunk or 'off'}"
     )
     print(head, flush=True)
     for name, policy, fused, monai_ckpt in rows:
@@ -69,6 +72,7 @@ def main() -> None:
             threads=a.threads,
             module_peaks=False,
             breakdown=False,
+            grad_cache_chunk=a.grad_cache_chunk,
         )
         m = r["measured"]
         measured = m.get("cuda_max_allocated", m.get("rss_peak_over_baseline", 0))
