@@ -284,21 +284,27 @@ class Trainer:
         return extra
 
     def _resume(self, directory: Path) -> None:
-        """Exact resume with the backend and world size that wrote the checkpoint; otherwise its weights only.
+        """Exact resume by the backend that wrote the checkpoint, at any world size it can reshard to (FSDP's DCP,
+        DeepSpeed ZeRO-1/2/3 through the universal checkpoint); otherwise its weights only.
 
-        Switching backend (or DeepSpeed's world size, whose ZeRO partitions are fixed) restarts the optimizer
+        Switching backend (or what the backend cannot reshard, ``Strategy.resume_problem``) restarts the optimizer
         from the consolidated weights, with a warning; the step, data position and random streams carry over."""
         saved = load_extra(directory, self.strategy.rank)
         same_backend = saved.get("strategy", self.strategy.name) == self.strategy.name
-        same_world = int(saved.get("world_size", self.strategy.world_size)) == self.strategy.world_size
-        if same_backend and (same_world or self.strategy.name != "deepspeed"):
+        saved_world = int(saved.get("world_size", self.strategy.world_size))
+        if same_backend:
+            problem = self.strategy.resume_problem(directory, saved_world)
+        else:
+            problem = f"another backend ({saved.get('strategy')})"
+        if problem is None:
             extra = self.strategy.load(directory)
         else:
             if self.strategy.is_main:
                 warnings.warn(
                     f"{directory} was written by {saved.get('strategy')} at world size {saved.get('world_size')}; "
-                    f"this run is {self.strategy.name} at world size {self.strategy.world_size}: loading its weights "
-                    "with a FRESH optimizer (moments restart; the loss curve will not match an uninterrupted run)"
+                    f"this run is {self.strategy.name} at world size {self.strategy.world_size} and cannot load its "
+                    f"optimizer state ({problem}): loading its weights with a FRESH optimizer (moments restart; the "
+                    "loss curve will not match an uninterrupted run)"
                 )
             self.strategy.load_model_weights(read_checkpoint_weights(directory))
             extra = saved

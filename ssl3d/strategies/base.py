@@ -160,6 +160,11 @@ class Strategy(ABC):
     def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
         """Restore what ``save`` wrote; returns ``extra``."""
 
+    def resume_problem(self, directory: Path, saved_world_size: int) -> str | None:
+        """Why ``load`` cannot restore this backend's ``directory``, written at ``saved_world_size``, with its
+        optimizer at this run's world size; None when it can (the default: the layout does not depend on it)."""
+        return None
+
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model in fp32 on the CPU with plain names (collective; meaningful on rank 0)."""

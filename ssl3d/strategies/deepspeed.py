@@ -12,14 +12,20 @@ Differences from the other backends that this module hides from the loop:
   the same hyper-parameters when the optimizer is offloaded. DeepSpeedCPUAdam is a C++ extension that is
   JIT-compiled on first use (about 3 minutes on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, default
   ``~/.cache/torch_extensions``); ``"zero_force_ds_cpu_optimizer": false`` keeps the torch optimizer instead.
+- a ZeRO-1/2/3 checkpoint resumes at another world size WITH its optimizer state: ``load`` converts the step
+  folder's partitions once into DeepSpeed's universal checkpoint (``<step>/deepspeed_universal/``) and loads that
+  (``"checkpoint": {"load_universal": true}``, switched on for that one load). Stage 0, a change between ZeRO-1/2
+  and ZeRO-3, and NVMe optimizer offload cannot go that way (``resume_problem`` says why).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +39,9 @@ from ssl3d.strategies.distributed import init_distributed
 from ssl3d.strategies.single import load_extra, match_names, save_extra
 
 CHECKPOINT_TAG = "deepspeed"
+# DeepSpeed's universal checkpoint of the step folder's ZeRO partitions, converted once by the first resume at
+# another world size (``convert_to_universal``) and reused by later ones.
+UNIVERSAL_TAG = "deepspeed_universal"
 
 
 def import_deepspeed() -> Any:
@@ -170,7 +179,19 @@ class DeepSpeedStrategy(Strategy):
         save_extra(directory, self.rank, extra)
 
     def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+        """Exact resume; a ZeRO checkpoint written at another world size goes through the universal checkpoint."""
+        directory = Path(directory)
         require_layout(directory, CHECKPOINT_TAG, self.name)
+        saved_world = len(zero_partition_files(directory))
+        if load_optimizer and saved_world and saved_world != self.world_size:
+            problem = self.resume_problem(directory, saved_world)
+            if problem is not None:
+                raise RuntimeError(
+                    f"{directory}: cannot resume its optimizer state at world size {self.world_size} ({problem}); "
+                    "start from its weights with a fresh optimizer (load_model_weights + read_checkpoint_weights)"
+                )
+            self._load_universal(directory, saved_world)
+            return load_extra(directory, self.rank)
         path, _ = self.engine.load_checkpoint(
             str(directory),
             tag=CHECKPOINT_TAG,
@@ -181,6 +202,76 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"{directory}: DeepSpeed could not load the checkpoint under tag {CHECKPOINT_TAG!r}")
         return load_extra(directory, self.rank)
+
+    def resume_problem(self, directory: Path, saved_world_size: int) -> str | None:
+        if saved_world_size == self.world_size:
+            return None
+        parts = zero_partition_files(directory)
+        if not parts:
+            return (
+                "a ZeRO stage 0 checkpoint: DeepSpeed's universal checkpoint converts ZeRO-1/2/3 optimizer partitions "
+                "only"
+            )
+        saved_stage3 = is_zero3_checkpoint(directory)
+        if saved_stage3 != (self.stage == 3):
+            saved = "3" if saved_stage3 else "1/2"
+            return (
+                f"written with ZeRO stage {saved}, this run uses stage {self.stage}: ssl3d loads a universal "
+                "checkpoint into the same ZeRO family only (1/2 or 3)"
+            )
+        if self.ds_config is not None and self.ds_config.offload_optimizer.device == "nvme":
+            return "NVMe optimizer offload: DeepSpeed restores its swap files only at the world size that wrote them"
+        return None
+
+    def universal_checkpoint(self, directory: Path) -> Path:
+        """``directory/deepspeed_universal``, converted by rank 0 the first time (collective: every rank calls it)."""
+        directory = Path(directory)
+        error = ""
+        if self.is_main and not (directory / UNIVERSAL_TAG).is_dir():
+            try:
+                convert_to_universal(directory)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                error = str(exc)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)  # also the barrier after the conversion
+            error = box[0]
+        if error:
+            raise RuntimeError(error)
+        return directory / UNIVERSAL_TAG
+
+    def _load_universal(self, directory: Path, saved_world: int) -> None:
+        folder = self.universal_checkpoint(directory)
+        # DeepSpeed reads "checkpoint": {"load_universal": ...} only while loading (engine.load_universal_checkpoint
+        # and the optimizer's load_state_dict); switched on for this load, not for the whole run.
+        config = self.engine._config
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(directory),
+                tag=UNIVERSAL_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        finally:
+            config.load_universal_checkpoint = before
+        if path is None:
+            raise RuntimeError(f"{folder}: DeepSpeed could not load the universal checkpoint")
+        # The universal load restores parameters (and their optimizer state) only; buffers come from the module file.
+        module_files = sorted(folder.glob("*model_states.pt"))
+        if module_files:
+            state = torch.load(module_files[0], map_location="cpu", weights_only=False).get("module") or {}
+            with torch.no_grad():
+                for name, b in self.module.named_buffers():
+                    value = state.get(name)
+                    if value is not None and value.shape == b.shape:
+                        b.copy_(value.to(b.device, b.dtype))
+        if self.is_main:
+            print(
+                f"ssl3d: {directory} was written at world size {saved_world}: resumed at world size "
+                f"{self.world_size} with its optimizer state, through DeepSpeed's universal checkpoint {folder}"
+            )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights (not the bf16 compute copies), gathered from the ZeRO partitions; collective."""
@@ -268,3 +359,56 @@ def read_zero_weights(directory: Path) -> dict[str, torch.Tensor]:
         # Our own file: it holds DeepSpeed's config objects, so it needs full unpickling.
         state = torch.load(tagged / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {clean_name(k): to_cpu_fp32(v) for k, v in state.items()}
+
+
+def zero_partition_files(directory: Path) -> list[Path]:
+    """The ZeRO optimizer partitions in a step folder, one per data-parallel rank (none at stage 0)."""
+    return sorted((Path(directory) / CHECKPOINT_TAG).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def is_zero3_checkpoint(directory: Path) -> bool:
+    """ZeRO-3 writes one model-state file per rank (its parameter partitions); stages 0-2 one for all."""
+    return any((Path(directory) / CHECKPOINT_TAG).glob("zero_pp_rank_*_model_states.pt"))
+
+
+def convert_to_universal(directory: Path) -> Path:
+    """``<step>/deepspeed/`` -> ``<step>/deepspeed_universal/`` with DeepSpeed's ``ds_to_universal``, offline.
+
+    Written under a temporary name and renamed when complete (kept for later resumes); returns the folder. The
+    converter's own progress output is kept and shown only when it fails."""
+    import_deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    directory = Path(directory)
+    final = directory / UNIVERSAL_TAG
+    if final.is_dir():
+        return final
+    tmp = directory / f".{UNIVERSAL_TAG}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(directory / CHECKPOINT_TAG),
+        output_folder=str(tmp),
+        num_extract_workers=1,  # in this process: no process pool forked from a training process
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # ssl3d's modules carry no universal_checkpoint_info (a Megatron-style client attribute): the default one.
+        inject_missing_state=True,
+    )
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join(log.getvalue().splitlines()[-10:])
+        raise RuntimeError(
+            f"{directory}: DeepSpeed's universal checkpoint conversion failed: {type(exc).__name__}: {exc}\n{tail}"
+        ) from exc
+    finally:
+        (directory / "latest_universal").unlink(missing_ok=True)  # the converter's pointer next to its output
+    from ssl3d.checkpoint import _fsync_tree
+
+    _fsync_tree(tmp)
+    os.replace(tmp, final)
+    return final

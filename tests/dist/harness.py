@@ -81,6 +81,7 @@ class Job:
     world: int = WORLD
     micro: int = MICRO
     checkpoint_dir: str | None = None  # resume from here instead of the job's own "plain" checkpoint
+    record_optimizer: bool = False  # DeepSpeed: the full Adam moments when saving and right after loading
 
 
 def global_batches(grad_accum: int, world: int = WORLD, micro: int = MICRO) -> torch.Tensor:
@@ -163,6 +164,20 @@ def apply_checkpointing(model: torch.nn.Module) -> None:
     )
 
 
+def full_optimizer_state(strategy) -> dict[str, dict[str, torch.Tensor]]:
+    """DeepSpeed: Adam's exp_avg / exp_avg_sq of every parameter, full and fp32, gathered from the ZeRO partitions
+    (collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from ssl3d.strategies.base import clean_name
+
+    out = {}
+    for name, p in strategy.module.named_parameters():
+        moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+        out[clean_name(name)] = {k: v.detach().float().cpu().clone() for k, v in moments.items() if v is not None}
+    return out
+
+
 def run_config(grad_accum: int, micro: int, precision: str = "fp32") -> Config:
     cfg = Config()
     cfg.model = TINY
@@ -214,6 +229,7 @@ def train(
     ckpt_root: Path | None,
     on_step: Any = None,
     saved: dict[str, Any] | None = None,
+    record_optimizer: bool = False,
 ):
     """Steps ``first_step..STEPS-1``; returns per-step gradient norms and mean losses (this rank's).
 
@@ -250,6 +266,8 @@ def train(
             CheckpointManager(ckpt_root, strategy).save(step + 1, extra)
             if saved is not None:
                 saved["state"] = strategy.full_state_dict()
+                if record_optimizer:
+                    saved["optim"] = full_optimizer_state(strategy)
     return norms, losses
 
 
@@ -266,6 +284,9 @@ def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str,
         assert folder is not None, f"no checkpoint under {root}"
         extra = strategy.load(folder)
         first = int(extra["step"])
+        if job.record_optimizer:
+            result["loaded_optim"] = full_optimizer_state(strategy)
+            result["loaded_state"] = strategy.full_state_dict()
     if sc.load_weights_from:
         # full_state_dict() is meaningful on rank 0: go through a file, as a user starting from weights would.
         path = out / f"{job.backend}_{sc.load_weights_from}_weights.pt"
@@ -277,8 +298,19 @@ def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str,
     else:
         ckpt_root = out / f"{job.backend}_{sc.name}_ckpt" if sc.save_after else None
         saved: dict[str, Any] = {}
-        norms, losses = train(strategy, model, sc, rank, job.world, job.micro, first, ckpt_root, saved=saved)
-        result.update(norms=norms, losses=losses, saved_state=saved.get("state"))
+        norms, losses = train(
+            strategy,
+            model,
+            sc,
+            rank,
+            job.world,
+            job.micro,
+            first,
+            ckpt_root,
+            saved=saved,
+            record_optimizer=job.record_optimizer,
+        )
+        result.update(norms=norms, losses=losses, saved_state=saved.get("state"), saved_optim=saved.get("optim"))
     state = strategy.full_state_dict()  # collective
     result["state"] = state
     result["seconds"] = time.perf_counter() - t0

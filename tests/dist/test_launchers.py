@@ -133,3 +133,15 @@ def test_zero2_checkpoint_at_world_size_2_starts_single_at_world_size_1(tmp_path
     proc = run([sys.executable, "-m", "ssl3d.cli", "pretrain", *flags(logdir, 3, "--resume", "auto")])
     assert "FRESH optimizer" in proc.stderr and "resumed from" in proc.stdout
     assert sorted(losses(logdir)) == [3]
+    # Resumed by ZeRO-2 at world size 1 with the same global batch (2 micro-batches of 1: the loader's saved position
+    # counts batches of one rank): WITH its optimizer state, through DeepSpeed's universal checkpoint, converted
+    # into the step folder (the exact moments are checked in test_strategies.py).
+    logdir = tmp_path / "zero2_world1"
+    shutil.copytree(src / "checkpoints", logdir / "checkpoints", symlinks=True)
+    resume = flags(logdir, 3, "--resume", "auto", "--set=train.grad_accum=2")
+    proc = run([sys.executable, "-m", "ssl3d.cli", "pretrain", "--ds_config", "ds_configs/zero2.json", *resume])
+    assert "FRESH optimizer" not in proc.stdout + proc.stderr
+    assert "with its optimizer state, through DeepSpeed's universal checkpoint" in proc.stdout
+    assert "resumed from" in proc.stdout
+    assert (logdir / "checkpoints" / "step_00000002" / "deepspeed_universal").is_dir()
+    assert sorted(losses(logdir)) == [3]

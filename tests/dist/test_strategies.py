@@ -268,6 +268,66 @@ def test_fsdp_checkpoint_reshards_to_one_process(out_dir: Path) -> None:
     assert diff < ATOL
 
 
+UNIVERSAL_STAGES = ["zero2", "zero3"]  # ZeRO-1 takes ZeRO-2's code path (stage_1_and_2.py); passes too
+
+
+def universal_results(out_dir: Path) -> dict[str, Any]:
+    """Both stages in one 2-rank spawn (plain, saving after step 2) and one 1-rank spawn (resume from it)."""
+    if "_universal" not in _cache:
+        jobs2 = [
+            H.Job(f"{s}_universal", preset(s), scenarios=["plain"], record_optimizer=True) for s in UNIVERSAL_STAGES
+        ]
+        saved = H.spawn(jobs2, out_dir, name="universal_world2")
+        jobs1 = [
+            H.Job(
+                f"{s}_universal_world1",
+                preset(s),
+                scenarios=["resume"],
+                world=1,
+                micro=H.WORLD * H.MICRO,
+                checkpoint_dir=str(out_dir / f"{s}_universal_plain_ckpt"),
+                record_optimizer=True,
+            )
+            for s in UNIVERSAL_STAGES
+        ]
+        resumed = H.spawn(jobs1, out_dir, name="universal_world1")
+        _cache["_universal"] = {
+            s: (saved[f"{s}_universal"]["plain"], resumed[f"{s}_universal_world1"]["resume"]) for s in UNIVERSAL_STAGES
+        }
+    return _cache["_universal"]
+
+
+@pytest.mark.parametrize("stage", UNIVERSAL_STAGES)
+def test_zero_checkpoint_resumes_at_world_size_1_with_its_optimizer(stage: str, out_dir: Path) -> None:
+    """A ZeRO checkpoint written by 2 ranks resumes on 1 rank WITH its optimizer state: converted once into
+    DeepSpeed's universal checkpoint (<step>/deepspeed_universal/) and loaded from there. Right after loading, the
+    full fp32 weights and Adam moments equal those saved at world size 2 exactly; the next step matches the
+    uninterrupted 2-rank run up to summation order."""
+    plain, resumed = universal_results(out_dir)[stage]
+    assert "error" not in plain, plain["error"]
+    assert "error" not in resumed, resumed["error"]
+    folder = out_dir / f"{stage}_universal_plain_ckpt" / f"step_{H.SAVE_AFTER:08d}"
+    assert (folder / "deepspeed_universal" / "zero" / "optimizer_state.pt").is_file()
+    assert not (folder / ".deepspeed_universal.tmp").exists() and not (folder / "latest_universal").exists()
+    saved_optim, loaded_optim = plain["saved_optim"], resumed["loaded_optim"]
+    assert set(loaded_optim) == set(saved_optim) and len(saved_optim) > 0
+    moments = 0
+    for key, state in saved_optim.items():
+        assert set(state) == {"exp_avg", "exp_avg_sq"}, key
+        for k, value in state.items():
+            assert torch.equal(loaded_optim[key][k], value), (key, k)
+            moments += value.numel()
+    for key, value in plain["saved_state"].items():
+        assert torch.equal(resumed["loaded_state"][key], value), key
+    diff = max_abs_diff(resumed["state"], plain["state"])
+    print(
+        f"{stage} 2 -> 1 ranks, universal checkpoint: {moments} moments per kind equal; step 3 max |param diff| "
+        f"= {diff:.2e}, norm {resumed['norms'][0]:.6g} vs {plain['norms'][H.SAVE_AFTER]:.6g}"
+    )
+    assert resumed["norms"][0] == pytest.approx(plain["norms"][H.SAVE_AFTER], rel=1e-5)
+    assert diff < ATOL
+
+
 @pytest.mark.skipif(
     not os.environ.get("SSL3D_TEST_CPU_ADAM"),
     reason="DeepSpeedCPUAdam JIT-compiles a C++ extension (about 3 minutes on 2 cores); set SSL3D_TEST_CPU_ADAM=1",
