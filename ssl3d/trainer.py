@@ -310,6 +310,7 @@ class Trainer:
             extra = saved
         s = self.state
         s.step, s.epoch, s.batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
+        s.batch_in_epoch = self._data_position(extra, saved_world)
         s.best_val = float(extra["best_val"])
         s.bad_steps_in_row = int(extra.get("bad_steps_in_row", 0))
         s.overflows_in_row = int(extra.get("overflows_in_row", 0))
@@ -321,6 +322,23 @@ class Trainer:
             torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
         if self.strategy.is_main:
             print(f"ssl3d: resumed from {directory} at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch})")
+
+    def _data_position(self, extra: dict[str, Any], saved_world: int) -> int:
+        """The batch to continue from in this epoch. The saved position counts one rank's batches; with another
+        world size or batch size, the volumes the whole run consumed map to this run's batches (rounded down,
+        so no volume of the epoch is skipped; the order within the epoch follows the new partition)."""
+        old_batch = json.loads(extra.get("config", "{}")).get("train", {}).get("batch_size", self.cfg.train.batch_size)
+        position = int(extra["batch_in_epoch"])
+        if (old_batch, saved_world) == (self.cfg.train.batch_size, self.strategy.world_size):
+            return position
+        consumed = position * int(old_batch) * saved_world  # volumes of this epoch, all ranks
+        new = consumed // (self.cfg.train.batch_size * self.strategy.world_size)
+        if self.strategy.is_main:
+            print(
+                f"ssl3d: data position: batch {position} of {old_batch} volumes x {saved_world} ranks -> batch {new} "
+                f"of {self.cfg.train.batch_size} x {self.strategy.world_size}"
+            )
+        return new
 
     def _last_checkpoint_text(self) -> str:
         last = self.checkpoints.latest()

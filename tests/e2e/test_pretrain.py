@@ -140,3 +140,14 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys)
     assert (
         "step 3: 2 non-finite steps in a row" in err and "step_00000002" in err
     )  # skipped steps leave the weights as they were
+
+
+def test_resume_with_another_batch_size_continues_the_epoch(tmp_path, capsys):
+    """The saved data position counts one rank's batches: after 2 of 2 batches of 1 volume, a resume with batches of
+    2 volumes continues at batch 1 of 1 (the same volumes consumed) instead of failing on position 2."""
+    logdir = tmp_path / "run"
+    common = {"train.eval_num": 2, "data.demo_volumes": 3}
+    run(logdir, **common, **{"train.num_steps": 2})
+    summary = run(logdir, **common, **{"train.num_steps": 3, "train.batch_size": 2, "train.resume": "auto"})
+    assert summary["steps"] == 3
+    assert "data position: batch 2 of 1 volumes x 1 ranks -> batch 1 of 2 x 1" in capsys.readouterr().out
