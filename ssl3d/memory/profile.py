@@ -57,7 +57,18 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's resident-set high-water mark (kernel-tracked, so it catches peaks between samples)."""
+    """This process's resident-set high-water mark (kernel-tracked, so it catches peaks between samples).
+
+    ``VmHWM`` of /proc/self/status, not ``ru_maxrss``: Linux carries the pre-exec address space's peak into
+    ``ru_maxrss`` across ``execve``, and a subprocess started with vfork from a large parent (pytest after many
+    tests) would report the PARENT's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
