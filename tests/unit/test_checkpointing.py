@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import pickle
 
 import pytest
@@ -163,9 +162,6 @@ def test_round_trip_and_labels():
     assert CheckpointPolicy.preset("full").label == "full(block@0,1,2,3 merging decoder)"
 
 
-@pytest.mark.skipif(
-    os.environ.get("SSL3D_SLOW_TESTS") != "1", reason="torch.compile takes ~20 s here; SSL3D_SLOW_TESTS=1 runs it"
-)
 def test_full_policy_under_torch_compile(reference):
     """Checkpointing (and fused attention) traced by dynamo + AOTAutograd; aot_eager needs no C++ compiler."""
     from ssl3d.model.attention import apply_fused_attention
