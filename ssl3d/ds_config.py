@@ -15,7 +15,9 @@ ssl3d extensions (removed before the dict reaches DeepSpeed):
 
 ``"auto"`` values are filled from the run config: micro batch = ``train.batch_size``, accumulation =
 ``train.grad_accum``, clipping = ``train.grad_clip``, ``bf16``/``fp16`` from ``train.precision``. An explicit value
-that contradicts the run config is an error; ``"auto"`` in a ZeRO tuning knob means DeepSpeed's default.
+that contradicts the run config is an error; ``"auto"`` in a ZeRO tuning knob means DeepSpeed's default, except for
+the bucket sizes, where it means the model's parameter count (DeepSpeed's default 5e8 elements would allocate
+1.9 GiB per bucket for a 19 M-parameter model).
 """
 
 from __future__ import annotations
@@ -493,6 +495,8 @@ def resolve_ds_config(
 
     # -- ZeRO ----------------------------------------------------------------------------------------------
     stage, off_opt, off_par, zero = _resolve_zero(raw, problems)
+    if zero is not None and stage > 0:
+        _fill_bucket_sizes(raw.get("zero_optimization") or {}, zero, cfg)
     if zero is not None and strategy != "deepspeed":
         alternative = {
             "fsdp": 'FSDP2 already shards like ZeRO-3; for offload use "fsdp": {"cpu_offload": true}',
@@ -594,6 +598,27 @@ def resolve_ds_config(
         deepspeed=ds,
         source=source,
     )
+
+
+BUCKET_KNOBS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+
+
+def _fill_bucket_sizes(raw_zero: dict[str, Any], zero: dict[str, Any], cfg: Config) -> None:
+    """``"auto"`` bucket sizes = the model's parameter count (capped at DeepSpeed's default of 5e8 elements).
+
+    DeepSpeed allocates its buckets at their configured size: the default 5e8 elements is a 1.9 GiB fp32 buffer
+    per bucket, 100x the 19 M-parameter model. One bucket the size of the model holds every gradient, so the
+    communication pattern stays that of the default."""
+    auto = [k for k in BUCKET_KNOBS if raw_zero.get(k) == "auto"]
+    if not auto:
+        return
+    from ssl3d.memory.estimate import count_parameters
+
+    # Rounded up to a multiple of 4096: DeepSpeed asserts alignment (allgather_bucket_size % nccl_start_alignment).
+    size = min(DEEPSPEED_DEFAULT_BUCKET, -(-count_parameters(cfg.model, cfg.ssl.contrastive_dim) // 4096) * 4096)
+    for key in auto:
+        zero[key] = size
 
 
 def load_ds_config(

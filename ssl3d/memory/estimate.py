@@ -334,6 +334,11 @@ def _model_key(cfg: ModelConfig) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def count_parameters(model: ModelConfig, contrastive_dim: int = 512) -> int:
+    """Parameters of the SSL model for this config, counted on the meta device (no memory, well under a second)."""
+    return sum(p.numel() for p in _meta_model(_model_key(model), contrastive_dim).parameters())
+
+
 def _unit_sizes(model: nn.Module) -> dict[str, int]:
     """Parameter counts that sharding needs: total, per Swin block (FSDP/ZeRO-3 units), the rest (FSDP root)."""
     from monai.networks.nets.swin_unetr import SwinTransformerBlock

@@ -180,6 +180,11 @@ def estimator_setting(cfg: Any, ds: Any, world_size: int) -> dict[str, Any]:
         "offload_optimizer": ds.offload_optimizer.enabled or ds.fsdp.cpu_offload,
         "offload_params": ds.offload_param.enabled or ds.fsdp.cpu_offload,
         "grad_cache_chunk": cfg.ssl.grad_cache_chunk,
+        **(
+            {"reduce_bucket_size": int(zero["reduce_bucket_size"])}
+            if "reduce_bucket_size" in (zero := (ds.deepspeed or {}).get("zero_optimization", {}))
+            else {}
+        ),
     }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl3d.config import Config, ConfigError
+from ssl3d.config import Config, ConfigError, load_config
 from ssl3d.ds_config import (
     OFFLOAD_OPTIMIZER_KEYS,
     OFFLOAD_PARAM_KEYS,
@@ -57,7 +57,7 @@ def test_auto_values_come_from_the_run_config() -> None:
     d = ds.deepspeed
     assert (d["train_micro_batch_size_per_gpu"], d["gradient_accumulation_steps"], d["train_batch_size"]) == (4, 3, 24)
     assert d["gradient_clipping"] == 1.0 and d["bf16"]["enabled"] is True and d["fp16"]["enabled"] is False
-    assert d["zero_optimization"] == {"stage": 2}  # "auto" tuning knob -> DeepSpeed's default
+    assert d["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 19_099_648}  # "auto" bucket: the model size
     assert ds.precision == "bf16"
 
 
@@ -212,3 +212,18 @@ def test_build_strategy_without_a_preset_is_single_process(monkeypatch: pytest.M
     cfg.ds_config = str(Path(__file__).resolve().parents[2] / "ds_configs" / "single.json")
     strategy = build_strategy(cfg)
     assert type(strategy) is SingleStrategy and strategy.ds_config is not None
+
+
+def test_auto_bucket_sizes_are_the_model_size() -> None:
+    """DeepSpeed's default buckets (5e8 elements, 1.9 GiB fp32 each) dwarf a 19 M-parameter model: "auto" sizes
+    them to the model's parameter count (19,097,191, rounded up to a multiple of 4096 as DeepSpeed's alignment
+    asserts need); explicit values are kept."""
+    cfg = load_config(None, {})
+    zero3 = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json"
+    ds = load_ds_config(zero3, cfg, world_size=2, device_type="cpu", auto_precision="fp32")
+    zero = ds.deepspeed["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 19_099_648
+    raw = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 123456, "allgather_bucket_size": "auto"}}
+    ds = resolve_ds_config(raw, cfg, world_size=1, device_type="cpu")
+    assert ds.deepspeed["zero_optimization"]["reduce_bucket_size"] == 123456
+    assert ds.deepspeed["zero_optimization"]["allgather_bucket_size"] == 19_099_648
