@@ -526,15 +526,17 @@ def _rank_bytes(
     precision: str,
     offload_optimizer: bool,
     offload_params: bool,
-    reduce_bucket_size: int,
+    reduce_bucket_size: int | None,
     overlap_comm: bool | None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Per-event device bytes of one rank under ``strategy``; returns columns and notes on what was assumed.
 
-    - ddp: full parameters, gradients and optimizer states, plus DDP's gradient buckets (one more gradient copy);
-    - zero1: optimizer states / N; zero2: gradients and optimizer states / N; both keep DeepSpeed's contiguous
-      gradient bucket of ``reduce_bucket_size`` elements (two with ``overlap_comm``) during backward and step;
-    - zero3: everything / N, parameters under 1e5 elements kept whole, two gathered modules (current + prefetch);
+    - ddp: full parameters, gradients and optimizer states; the gradients are DDP's buckets, kept between steps;
+    - zero1, zero2: gradients and optimizer states / N (DeepSpeed 0.19 partitions gradients at stage 1 too), plus
+      the contiguous gradient bucket of ``reduce_bucket_size`` elements (two with ``overlap_comm``) in backward
+      and step; every DeepSpeed stage keeps an fp32 master copy of its partition, in fp32 runs too;
+    - zero3: everything / N, parameters under 1e5 elements kept whole, two gathered modules (current + prefetch),
+      one reduce bucket for the whole run;
     - fsdp (FSDP2, one unit per Swin block): everything / N, plus the root's parameters gathered through forward
       and backward (it is not resharded after forward) and two gathered blocks, and one block's unsharded grads;
     - offload_optimizer: optimizer states and the step's temporaries live on the host;
@@ -542,6 +544,8 @@ def _rank_bytes(
     DeepSpeed's bf16 (zero*) keeps bf16 parameters/gradients and fp32 master weights in the optimizer.
     """
     n = max(1, int(world_size))
+    if reduce_bucket_size is None:  # what ssl3d's presets resolve "auto" to: the model's parameter count
+        reduce_bucket_size = min(DEEPSPEED_REDUCE_BUCKET, -(-trace.units["total"] // 4096) * 4096)
     col = {c: trace.column(c).astype(np.float64) for c in CATEGORIES}
     phase = trace.phase
     in_step = phase == _PHASE["optimizer"]
@@ -554,21 +558,24 @@ def _rank_bytes(
     params, grads, opt = col["parameters"], col["gradients"], col["optimizer_states"]
     extra = np.zeros_like(params)
     deepspeed = strategy.startswith("zero")
-    if deepspeed and low:
-        # bf16 model weights and gradients; fp32 master copy lives with the optimizer states.
-        params = params / 2
-        grads = grads / 2
-        opt = opt + trace.param_bytes * (opt > 0)
-        notes.append("DeepSpeed bf16: bf16 parameters/gradients, fp32 master weights counted as optimizer states")
+    if deepspeed:
+        # An fp32 master copy of the partition lives with the optimizer states, in fp32 runs too (measured:
+        # bench/model_states.py); bf16/fp16 runs keep low-precision parameters and gradients.
+        if low:
+            params = params / 2
+            grads = grads / 2
+        opt = opt + trace.param_bytes * (4 / pb) * (opt > 0)
+        notes.append("DeepSpeed: fp32 master weights counted as optimizer states" + (", bf16 model" if low else ""))
     if strategy in ("single", "ddp"):
         if n > 1 and strategy == "single":
             notes.append("single: world_size ignored (one process)")
         if strategy == "ddp":
-            extra = extra + trace.param_bytes  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
+            # gradient_as_bucket_view=True: the gradients ARE DDP's buckets, allocated for the whole run.
+            grads = np.maximum(grads, params)  # same shapes (and allocator rounding) as the parameters
     elif strategy in ("zero1", "zero2"):
+        # DeepSpeed 0.19's stage 1 also reduces gradients into this rank's partition (measured: as stage 2).
         opt = opt / n
-        if strategy == "zero2":
-            grads = grads / n
+        grads = grads / n
         elem = 2 if low else 4
         buckets = 2 if overlap_comm else 1
         bucket = reduce_bucket_size * elem * buckets
@@ -581,9 +588,9 @@ def _rank_bytes(
         opt = opt / n
         live = 2 * units["largest_module"] * pb * (0.5 if low else 1.0)
         elem = 2 if low else 4
-        buckets = 1 if overlap_comm is False else 2  # stage 3 overlaps communication by default
-        extra = extra + live * fwd_bwd + reduce_bucket_size * elem * buckets * in_bw
-        notes.append("ZeRO-3: two gathered modules (current + prefetch) and params < 1e5 elements kept whole")
+        # One reduce bucket, allocated for the whole run (measured: bench/model_states.py).
+        extra = extra + live * fwd_bwd + reduce_bucket_size * elem
+        notes.append("ZeRO-3: two gathered modules (current + prefetch), params < 1e5 elements kept whole, 1 bucket")
     elif strategy == "fsdp":
         gathered = 0.5 if low else 1.0  # MixedPrecisionPolicy(param_dtype=bf16) gathers bf16 parameters
         params = params / n
@@ -641,7 +648,7 @@ def estimate_memory(
     contrastive_dim: int = 512,
     fragmentation: float = DEFAULT_FRAGMENTATION,
     runtime_bytes: int | None = None,
-    reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
+    reduce_bucket_size: int | None = None,
     overlap_comm: bool | None = None,
     grad_cache_chunk: int = 0,
 ) -> MemoryEstimate:

@@ -126,11 +126,15 @@ def test_sharding_arithmetic():
 
     single = total("single", 1)
     z1, z3, fsdp = total("zero1", 8, reduce_bucket_size=0), total("zero3", 8), total("fsdp", 8)
-    assert z1["optimizer_states"] == pytest.approx(single["optimizer_states"] / 8, rel=0.01)
-    assert z1["gradients"] == single["gradients"]
+    # DeepSpeed (fp32): Adam's 8P and the fp32 master copy's 4P, partitioned (bench/model_states.py measures this).
+    assert z1["optimizer_states"] == pytest.approx(single["optimizer_states"] * 1.5 / 8, rel=0.01)
+    assert z1["gradients"] <= single["gradients"] / 8 * 1.01  # stage 1 partitions gradients too (DeepSpeed 0.19)
     assert z3["parameters"] < single["parameters"] and fsdp["optimizer_states"] < single["optimizer_states"]
-    assert total("ddp", 2)["sharding_buffers"] > 0  # DDP's gradient buckets
-    assert total("zero2", 2)["sharding_buffers"] >= 500_000_000 * 4  # DeepSpeed's default bucket, fp32
+    ddp = total("ddp", 2)
+    assert ddp["gradients"] == ddp["parameters"] and ddp["sharding_buffers"] == 0  # gradients are DDP's buckets
+    # DeepSpeed's default bucket (5e8 elements, fp32) when asked; by default the presets' "auto": the model's size.
+    assert total("zero2", 2, reduce_bucket_size=500_000_000)["sharding_buffers"] >= 500_000_000 * 4
+    assert total("zero2", 2)["sharding_buffers"] <= 2 * 4 * (single["parameters"] // 4 + 4096)
     assert total("single", 1, offload_optimizer=True)["optimizer_states"] == 0
     with pytest.raises(ConfigError, match="offload_params: needs strategy zero3 or fsdp"):
         total("ddp", 2, offload_params=True)
