@@ -347,10 +347,12 @@ def _unit_sizes(model: nn.Module) -> dict[str, int]:
     blocks = [sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, SwinTransformerBlock)]
     small = sum(p.numel() for p in model.parameters() if p.numel() < DEEPSPEED_PERSISTENCE)
     modules = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    decoder = sum(p.numel() for p in model.conv.parameters()) if hasattr(model, "conv") else 0
     return {
         "total": total,
-        "largest_block": max(blocks, default=0),
-        "root": total - sum(blocks),
+        # FSDP2 units: every Swin block and the decoder (ssl3d.strategies.fsdp); the root holds the rest.
+        "largest_block": max([*blocks, decoder], default=0),
+        "root": total - sum(blocks) - decoder,
         "persistent": small,
         "largest_module": max(modules, default=0),
     }

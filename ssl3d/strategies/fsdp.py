@@ -64,7 +64,14 @@ class FSDPStrategy(Strategy):
         kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload or OffloadPolicy()}
         if not self.options.cpu_offload:
             model = model.to(self.device)
-        for unit in shard_units(model, self.options.shard):
+        units = shard_units(model, self.options.shard)
+        # The reconstruction decoder is a unit of its own: left in the root, its 8 M parameters (42% of the
+        # reference model) would stay gathered from forward through backward (bench/model_states.py).
+        if isinstance(getattr(model, "conv", None), nn.Module) and any(
+            p.requires_grad for p in model.conv.parameters()
+        ):
+            units.append(model.conv)
+        for unit in units:
             fully_shard(unit, reshard_after_forward=self.options.reshard_after_forward, **kwargs)
         # The root keeps its (small) parameters gathered after forward: backward needs them at once.
         fully_shard(model, reshard_after_forward=False, **kwargs)
