@@ -115,7 +115,6 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     logdir: str = "runs/ssl3d"
     log_every: int = 1
-    image_every: int = 0  # TensorBoard images every N steps besides validation; 0: at validation only
     resume: str | None = None  # a checkpoint file/folder, or "auto": the newest in logdir
     progress: bool = True
     max_val_batches: int | None = None  # None: the whole validation list
