@@ -1,4 +1,4 @@
-"""Command line: ``ssl3d pretrain | export | data``.
+"""Command line: ``ssl3d pretrain | export | data | memory``.
 
 User mistakes (bad config, missing file) print one line per problem and exit with code 2, no traceback.
 """
@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl3d.config import Config, ConfigError, load_config
-from ssl3d.data.faults import BadVolumeError
-from ssl3d.trainer import TrainingStopped
+from ssl3d.errors import BadVolumeError, TrainingStopped
 
 EXIT_USAGE = 2
 EXIT_STOPPED = 3

@@ -23,6 +23,7 @@ from ssl3d.checkpoint import CheckpointManager, export_swinvit, kill_hook, load_
 from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
+from ssl3d.errors import TrainingStopped
 from ssl3d.logger import RunLogger
 from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model import build_model
@@ -35,10 +36,6 @@ from ssl3d.strategies.single import load_extra
 
 LOSS_KEYS = ("total", "rotation", "contrastive", "reconstruction")
 MAX_LOADER_RESTARTS = 3
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row); the message says where to resume."""
 
 
 def _planted_nan_steps() -> set[int]:

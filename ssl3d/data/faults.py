@@ -12,12 +12,10 @@ from typing import Any
 import torch
 from monai.transforms import Compose, MapTransform
 
+from ssl3d.errors import BadVolumeError
+
 KEY = "image"
 BAD = "bad"  # set in a loaded item that could not be used: "<path>: <reason>"
-
-
-class BadVolumeError(RuntimeError):
-    """A volume that cannot be used; the message is one line: ``<path>: <reason>``."""
 
 
 def root_cause(exc: BaseException) -> str:

@@ -205,12 +205,9 @@ class Strategy(ABC):
         if self.device.type == "cuda":
             out["cuda_allocated_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             out["cuda_reserved_peak_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
-        try:
-            import resource
+        from ssl3d.memory.profile import peak_rss_bytes  # VmHWM: ru_maxrss can carry a parent's peak
 
-            out["host_rss_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        except ImportError:  # pragma: no cover - not on Linux
-            pass
+        out["host_rss_peak_gib"] = peak_rss_bytes() / 2**30
         return out
 
     def teardown(self) -> None:
