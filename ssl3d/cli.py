@@ -208,13 +208,21 @@ def build_config(a: argparse.Namespace, seed_flags: bool = False) -> Config:
     return load_config(a.config, overrides)
 
 
-def check_run_inputs(cfg: Config) -> None:
-    """What the config alone cannot show, before any process group, model or loader exists: the datalists'
-    contents (their images too with data.on_bad_volume=fail) and the checkpoint that train.resume names."""
+def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
+    """What the config alone cannot show, before any process group, model or loader exists: the preset against
+    the run config, world size and device, the datalists' contents (their images too with
+    data.on_bad_volume=fail) and the checkpoint that train.resume names. Every problem is reported at once;
+    returns the resolved preset and this rank's device."""
     from ssl3d.checkpoint import resolve_resume
     from ssl3d.data.datalist import load_datalists
+    from ssl3d.strategies import resolve_strategy_config
 
     problems: list[str] = []
+    resolved: tuple[Any, Any] = (None, None)
+    try:
+        resolved = resolve_strategy_config(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
     if cfg.data.datalists:
         try:
             load_datalists(cfg.data, seed=cfg.train.seed, check_files=cfg.data.on_bad_volume == "fail")
@@ -226,16 +234,17 @@ def check_run_inputs(cfg: Config) -> None:
         problems += exc.problems
     if problems:
         raise ConfigError(problems)
+    return resolved
 
 
 def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
     cfg = build_config(a, seed_flags)
-    check_run_inputs(cfg)
-    from ssl3d.strategies import build_strategy
+    budget = parse_bytes(a.fit_memory, "--fit-memory") if a.fit_memory else None
+    ds, device = check_run_inputs(cfg)
+    from ssl3d.strategies import strategy_from_ds_config
     from ssl3d.trainer import Trainer
 
-    budget = parse_bytes(a.fit_memory, "--fit-memory") if a.fit_memory else None
-    strategy = build_strategy(cfg)
+    strategy = strategy_from_ds_config(ds, device)
     try:
         if budget is not None:
             apply_memory_fit(cfg, strategy, budget)

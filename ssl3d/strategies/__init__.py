@@ -43,13 +43,18 @@ def build_strategy(cfg: Config) -> Strategy:
     The preset is checked against the run config and the launcher's world size before any process group exists,
     so a wrong preset fails in a second, on every rank, with every problem listed.
     """
+    return strategy_from_ds_config(*resolve_strategy_config(cfg))
+
+
+def resolve_strategy_config(cfg: Config) -> tuple[DSConfig, torch.device]:
+    """The run's preset resolved against the run config, the launcher's world size and this rank's device."""
     env = dist_env()
     device = resolve_device(cfg.train.device, env.local_rank)
     auto_precision = DTYPE_NAMES[resolve_precision("auto", device)]
     ds = load_ds_config(
         cfg.ds_config, cfg, world_size=env.world_size, device_type=device.type, auto_precision=auto_precision
     )
-    return strategy_from_ds_config(ds, device)
+    return ds, device
 
 
 def read_checkpoint_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -81,6 +86,7 @@ __all__ = [
     "clean_name",
     "init_distributed",
     "read_checkpoint_weights",
+    "resolve_strategy_config",
     "resolve_device",
     "resolve_precision",
     "strategy_from_ds_config",

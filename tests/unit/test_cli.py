@@ -77,3 +77,18 @@ def test_memory_estimate_prints_a_breakdown_as_json(capsys):
 def test_memory_plan_rejects_a_bad_budget(capsys):
     assert main(["memory", "plan", "--budget", "lots"]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_preset_and_run_input_problems_are_reported_together(tmp_path, capsys):
+    """A misspelled preset section and a --resume folder with no checkpoint: both lines in one report, exit 2."""
+    preset = tmp_path / "zero.json"
+    preset.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    logdir = tmp_path / "run"
+    missing = tmp_path / "nothing_here"
+    missing.mkdir()
+    args = ["pretrain", f"--ds_config={preset}", f"--resume={missing}", f"--set=train.logdir={json.dumps(str(logdir))}"]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl3d: error:")]
+    assert any("zero_optimisation" in line for line in err), err
+    assert any(str(missing) in line for line in err), err
+    assert not logdir.exists()
