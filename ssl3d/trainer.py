@@ -123,9 +123,13 @@ class Trainer:
         resume = resolve_resume(cfg.train.resume, self.logdir / "checkpoints")
         if resume is not None:
             self._resume(resume)
-        self.train_loader, self.val_loader = build_loaders(
-            cfg, strategy.rank, strategy.world_size, self.state.epoch, self.state.batch_in_epoch
-        )
+        s = self.state
+        self.train_loader, self.val_loader = build_loaders(cfg, strategy.rank, strategy.world_size, s.epoch, 0)
+        if s.batch_in_epoch > self.train_loader.batches_per_epoch:
+            # Only after a resume with another world size or batch size (_data_position): the volumes consumed
+            # include the old partition's padding, more than this epoch holds: the epoch is done.
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+        self.train_loader.set_epoch(s.epoch, s.batch_in_epoch)
         self.log = RunLogger(self.logdir, enabled=strategy.is_main)
 
     # -- one step ------------------------------------------------------------------------------------------
@@ -313,7 +317,10 @@ class Trainer:
         s.overflows_in_row = int(extra.get("overflows_in_row", 0))
         s.skipped_steps = int(extra.get("skipped_steps", 0))
         s.history = json.loads(extra.get("history", "[]"))
-        self.generator.set_state(extra["generator"])
+        if saved_world == self.strategy.world_size:
+            self.generator.set_state(extra["generator"])
+        else:  # ranks without a saved stream of their own: a fresh one per rank, not copies of rank 0's
+            self.generator.manual_seed(self.cfg.train.seed * 1000 + self.strategy.rank + 1 + 7919 * s.step)
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
