@@ -615,10 +615,15 @@ def _fill_bucket_sizes(raw_zero: dict[str, Any], zero: dict[str, Any], cfg: Conf
         return
     from ssl3d.memory.estimate import count_parameters
 
-    # Rounded up to a multiple of 4096: DeepSpeed asserts alignment (allgather_bucket_size % nccl_start_alignment).
-    size = min(DEEPSPEED_DEFAULT_BUCKET, -(-count_parameters(cfg.model, cfg.ssl.contrastive_dim) // 4096) * 4096)
+    size = auto_bucket_size(count_parameters(cfg.model, cfg.ssl.contrastive_dim))
     for key in auto:
         zero[key] = size
+
+
+def auto_bucket_size(parameters: int) -> int:
+    """What ``"auto"`` bucket sizes resolve to for a model of ``parameters`` elements: that many, rounded up to a
+    multiple of 4096 (DeepSpeed asserts ``allgather_bucket_size`` alignment), at most DeepSpeed's default."""
+    return min(DEEPSPEED_DEFAULT_BUCKET, -(-parameters // 4096) * 4096)
 
 
 def load_ds_config(

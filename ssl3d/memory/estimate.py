@@ -79,7 +79,6 @@ DEFAULT_CUDA_CONTEXT = GIB // 2
 # cache, per-thread scratch, allocator arenas (measured: 99-108 MB over the tensor peak for the tiny model).
 DEFAULT_CPU_RUNTIME = 96 * MIB
 DEFAULT_FRAGMENTATION = 0.10
-DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements; DeepSpeed's default reduce_bucket_size
 DEEPSPEED_PERSISTENCE = 100_000  # elements; stage3_param_persistence_threshold default
 # oneDNN (CPU) convolutions reorder their input (and output) into blocked layouts outside PyTorch's view: measured
 # 1.4-3x the input's bytes for the decoder's convolutions, forward and backward alike.
@@ -547,7 +546,9 @@ def _rank_bytes(
     """
     n = max(1, int(world_size))
     if reduce_bucket_size is None:  # what ssl3d's presets resolve "auto" to: the model's parameter count
-        reduce_bucket_size = min(DEEPSPEED_REDUCE_BUCKET, -(-trace.units["total"] // 4096) * 4096)
+        from ssl3d.ds_config import auto_bucket_size
+
+        reduce_bucket_size = auto_bucket_size(trace.units["total"])
     col = {c: trace.column(c).astype(np.float64) for c in CATEGORIES}
     phase = trace.phase
     in_step = phase == _PHASE["optimizer"]
