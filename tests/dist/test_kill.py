@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_run import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("SSL3D_KILL_SEED", "10"))
@@ -31,14 +32,8 @@ STEPS = 5
 EVAL_NUM = 2  # a checkpoint every 2 steps and at the end: 2, 4, 5
 CHECKPOINTS = [s for s in range(1, STEPS + 1) if s % EVAL_NUM == 0 or s == STEPS]
 TINY = {
-    "model.feature_size": 12,
-    "model.depths": [1, 1, 1, 1],
-    "data.roi": [32, 64, 64],  # the smallest crop the heads accept
-    "data.num_samples": 1,
-    "data.num_workers": 0,
+    **TINY_RUN,
     "data.demo_volumes": 4,
-    "train.batch_size": 1,
-    "train.progress": False,
     "train.eval_num": EVAL_NUM,
     "train.max_val_batches": 1,
     "train.num_steps": STEPS,

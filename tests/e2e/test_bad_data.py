@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from tiny_run import TINY_RUN
 
 from ssl3d.cli import main
 from ssl3d.config import load_config
@@ -16,13 +17,7 @@ from ssl3d.strategies import build_strategy
 from ssl3d.trainer import Trainer
 
 TINY = {
-    "model.feature_size": 12,
-    "model.depths": [1, 1, 1, 1],
-    "data.roi": [32, 64, 64],
-    "data.num_samples": 1,
-    "data.num_workers": 0,
-    "train.batch_size": 1,
-    "train.progress": False,
+    **TINY_RUN,
     "optim.warmup_steps": 1,
 }
 

@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_run import TINY_RUN
 
 TINY = {
-    "model.feature_size": 12,
-    "model.depths": [1, 1, 1, 1],
-    "data.roi": [32, 64, 64],
-    "data.num_samples": 1,
-    "data.num_workers": 0,
+    **TINY_RUN,
     "data.demo_volumes": 3,
-    "train.batch_size": 1,
-    "train.progress": False,
     "train.eval_num": 1,
     "train.max_val_batches": 1,
     "optim.warmup_steps": 2,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_run import TINY_RUN
 
 from ssl3d.cli import main
 from ssl3d.config import load_config
@@ -20,14 +21,8 @@ from ssl3d.strategies import build_strategy
 from ssl3d.trainer import Trainer, TrainingStopped
 
 TINY = {
-    "model.feature_size": 12,
-    "model.depths": [1, 1, 1, 1],
-    "data.roi": [32, 64, 64],
-    "data.num_samples": 1,
-    "data.num_workers": 0,
+    **TINY_RUN,
     "data.demo_volumes": 2,
-    "train.batch_size": 1,
-    "train.progress": False,
     "train.device": "cpu",
     "train.eval_num": 100,
     "train.max_val_batches": 1,

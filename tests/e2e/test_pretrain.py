@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_run import TINY_RUN
 
 from ssl3d.cli import main
 from ssl3d.config import load_config
@@ -17,14 +18,8 @@ from ssl3d.strategies import build_strategy
 from ssl3d.trainer import Trainer
 
 TINY = {
-    "model.feature_size": 12,
-    "model.depths": [1, 1, 1, 1],
-    "data.roi": [32, 64, 64],
-    "data.num_samples": 1,
-    "data.num_workers": 0,
+    **TINY_RUN,
     "data.demo_volumes": 3,
-    "train.batch_size": 1,
-    "train.progress": False,
     "optim.warmup_steps": 2,
     "optim.lr": 1e-3,
 }
