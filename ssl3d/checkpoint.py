@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ssl3d.config import ConfigError
+from ssl3d.config import Config, ConfigError
 from ssl3d.strategies.base import Strategy, clean_name
 
 COMPLETE = "COMPLETE"
@@ -141,6 +141,48 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
             raise ConfigError(f"train.resume: {path} holds no complete checkpoint (no {COMPLETE} marker)")
         return found
     return path
+
+
+# Settings that decide the shapes of the saved tensors: a checkpoint resumes only into the same values.
+SHAPE_SETTINGS = (
+    "model.feature_size",
+    "model.depths",
+    "model.num_heads",
+    "model.window_size",
+    "model.patch_size",
+    "model.in_channels",
+    "model.decoder",
+    "ssl.contrastive_dim",
+)
+
+
+def resume_mismatch(directory: Path, cfg: Config) -> list[str]:
+    """One line per model setting in which the checkpoint's run and this run differ (empty: they match).
+
+    Checked before anything is built, so resuming with another model ends in a line that names the setting,
+    not in a ``size mismatch for conv.20.weight`` traceback after the process group and model exist."""
+    extra = Path(directory) / "extra_rank0.pt"
+    if not extra.is_file():
+        return []
+    try:
+        saved = json.loads(torch.load(extra, map_location="cpu", weights_only=True).get("config", "{}"))
+    except Exception:  # noqa: BLE001 - an unreadable file is the verification's business, not this check's
+        return []
+    now = cfg.to_dict()
+    problems = []
+    for dotted in SHAPE_SETTINGS:
+        section, key = dotted.split(".")
+        if key not in saved.get(section, {}):
+            continue
+        old, new = saved[section][key], now[section][key]
+        old, new = (list(v) if isinstance(v, list | tuple) else v for v in (old, new))
+        if old != new:
+            problems.append(
+                f"train.resume: {directory} was trained with {dotted} {json.dumps(old)}, "
+                f"this run has {json.dumps(new)}; "
+                f"resume with {dotted}={json.dumps(old)}, or start a new run from its weights (model.init_weights)"
+            )
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------

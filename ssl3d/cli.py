@@ -50,7 +50,11 @@ def _cuda_available() -> bool:
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="run config JSON (see README); default: the built-in demo run")
+    p.add_argument(
+        "--config",
+        help="run config JSON (see README); default: the reference's settings, or the built-in demo run when no "
+        "datalist and no reference flags are given either",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -83,6 +87,16 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "that the estimator says fits",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="resolve and check the run config, print it as JSON and exit without training",
+    )
 
 
 def add_seed_flags(p: argparse.ArgumentParser) -> None:
@@ -186,9 +200,17 @@ def seed_overrides(a: argparse.Namespace, has_config: bool) -> dict[str, Any]:
     return o
 
 
-def build_config(a: argparse.Namespace, seed_flags: bool = False) -> Config:
+def is_demo(a: argparse.Namespace, seed_flags: bool = False) -> bool:
+    """The demo preset is for the demo only: no config, no datalist and none of the reference's flags. Anything
+    else starts from the config's defaults (the reference's), so its command lines train its model anywhere."""
+    reference_flags = seed_flags and bool(seed_overrides(a, has_config=True))
+    return not a.config and not getattr(a, "datalist", None) and not reference_flags
+
+
+def build_config(a: argparse.Namespace, seed_flags: bool = False, demo: bool = True) -> Config:
+    """defaults (the reference's) < demo preset (the demo only) < --config < reference flags < --datalist, --set."""
     overrides: dict[str, Any] = {}
-    if not a.config:
+    if demo and is_demo(a, seed_flags):
         overrides.update(DEMO_GPU if _cuda_available() else DEMO_CPU)
     if seed_flags:
         overrides.update(seed_overrides(a, has_config=bool(a.config)))
@@ -213,7 +235,7 @@ def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
     the run config, world size and device, the datalists' contents (their images too with
     data.on_bad_volume=fail) and the checkpoint that train.resume names. Every problem is reported at once;
     returns the resolved preset and this rank's device."""
-    from ssl3d.checkpoint import resolve_resume
+    from ssl3d.checkpoint import resolve_resume, resume_mismatch
     from ssl3d.data.datalist import load_datalists
     from ssl3d.strategies import resolve_strategy_config
 
@@ -229,7 +251,9 @@ def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
         except ConfigError as exc:
             problems += exc.problems
     try:
-        resolve_resume(cfg.train.resume, Path(cfg.train.logdir) / "checkpoints")
+        resume = resolve_resume(cfg.train.resume, Path(cfg.train.logdir) / "checkpoints")
+        if resume is not None:
+            problems += resume_mismatch(resume, cfg)
     except ConfigError as exc:
         problems += exc.problems
     if problems:
@@ -241,6 +265,11 @@ def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
     cfg = build_config(a, seed_flags)
     budget = parse_bytes(a.fit_memory, "--fit-memory") if a.fit_memory else None
     ds, device = check_run_inputs(cfg)
+    if getattr(a, "dry_run", False):
+        import json
+
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     from ssl3d.strategies import strategy_from_ds_config
     from ssl3d.trainer import Trainer
 
@@ -356,7 +385,7 @@ def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
     """The run config and preset of ``ssl3d memory`` as the estimator's arguments."""
     from ssl3d.ds_config import load_ds_config
 
-    cfg = build_config(a)
+    cfg = build_config(a, demo=False)  # without a config: the reference-size run, not the CPU demo
     ds = load_ds_config(
         cfg.ds_config,
         cfg,
@@ -408,6 +437,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="self-supervised pre-training (the demo data when no datalist is given)")
     add_run_flags(p)
+    add_dry_run(p)
     e = sub.add_parser("export", help="write the encoder as model_swinvit.pt for MONAI's SwinUNETR.load_from")
     e.add_argument("checkpoint", help="a checkpoint folder or run folder (newest checkpoint), or a weight file")
     e.add_argument("output", help="output path, e.g. model_swinvit.pt")
@@ -488,6 +518,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     """``launch/pretrain.py``: ``ssl3d pretrain`` plus the reference's flags (for deepspeed/torchrun/python)."""
     parser = argparse.ArgumentParser(prog="launch/pretrain.py", description="ssl3d pre-training entry point")
     add_run_flags(parser)
+    add_dry_run(parser)
     add_seed_flags(parser)
     return guarded(run_pretrain, parser.parse_args(argv), True)
 

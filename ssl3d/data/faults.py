@@ -7,6 +7,9 @@ reports it; ``fail`` stops at once naming the file. ``ssl3d data check`` finds t
 
 from __future__ import annotations
 
+import gzip
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,43 @@ def root_cause(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
+
+
+def _looks_like_volume(head: bytes) -> bool:
+    """NIfTI-1/2 (header size 348/540 at byte 0, magic at 344 or 4), DICOM ("DICM" at 128), NRRD, MetaImage."""
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    nifti = bool(sizes & {348, 540}) or head[344:347] in (b"n+1", b"ni1") or head[4:7] in (b"n+2", b"ni2")
+    metaimage = any(k in head[:512] for k in (b"ObjectType", b"NDims", b"ElementType"))
+    return nifti or head[128:132] == b"DICM" or head.startswith(b"NRRD") or metaimage
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a file cannot be a volume, from the file itself (not from whichever reader failed last), or None when
+    it looks like one: then the reader's own error is the reason (e.g. a truncated gzip stream)."""
+    p = Path(path)
+    if not p.exists():
+        return "file not found"
+    if p.is_dir():
+        return "is a directory, not a volume file"
+    size = p.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    with open(p, "rb") as fh:
+        head = fh.read(1024)
+    what = "first bytes"
+    if head[:2] == b"\x1f\x8b":  # gzip: judge what it holds
+        try:
+            with gzip.open(p, "rb") as gz:
+                inner = gz.read(1024)
+        except (OSError, EOFError):
+            return None  # a damaged stream: the reader's error says so
+        if not inner:
+            return "empty gzip stream (decompresses to 0 bytes)"
+        head, what = inner, "gzip holding"
+    if _looks_like_volume(head):
+        return None
+    text = "".join(chr(b) if 32 <= b < 127 else "." for b in head[:16])
+    return f"not a NIfTI/DICOM/NRRD/MetaImage file ({what} {head[:16].hex(' ')} {text!r}, {size} bytes on disk)"
 
 
 def volume_problem(image: Any, min_size: int) -> str | None:
@@ -70,7 +110,11 @@ class GuardedLoad:
         try:
             return self.chain(item)
         except Exception as exc:  # noqa: BLE001 - any reader error means the same: this file is unusable
-            return {KEY: None, BAD: f"{item.get(KEY)}: {root_cause(exc)}"}
+            # MONAI tries every reader it has and reports the last one's complaint (pydicom's for an empty .nii.gz):
+            # the file itself says more, unless it looks like a volume and the reader's error is the real story.
+            path = item.get(KEY)
+            reason = (file_problem(path) if isinstance(path, str | os.PathLike) else None) or root_cause(exc)
+            return {KEY: None, BAD: f"{path}: {reason}"}
 
 
 def check_datalist_entries(items: list[dict[str, str]], load: GuardedLoad) -> list[str]:
@@ -83,4 +127,12 @@ def check_datalist_entries(items: list[dict[str, str]], load: GuardedLoad) -> li
     return bad
 
 
-__all__ = ["BAD", "BadVolumeError", "CheckVolumed", "GuardedLoad", "check_datalist_entries", "volume_problem"]
+__all__ = [
+    "BAD",
+    "BadVolumeError",
+    "CheckVolumed",
+    "GuardedLoad",
+    "check_datalist_entries",
+    "file_problem",
+    "volume_problem",
+]
