@@ -58,7 +58,9 @@ def test_window_attention_matches_eager(shifted, mask_form, chunk_bytes):
     y.backward(g)
     y2.backward(g)
     torch.testing.assert_close(x2.grad, x.grad, **TOL)
-    for (name, p), q in zip(eager.named_parameters(), fused.parameters()):
+    params = list(zip(eager.named_parameters(), fused.parameters(), strict=True))
+    assert len(params) == 5  # the relative position bias table; qkv and proj, weight and bias
+    for (name, p), q in params:
         torch.testing.assert_close(q.grad, p.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -135,5 +137,7 @@ def test_cuda_fused_matches_eager():
     y.sum().backward()
     y2.sum().backward()
     torch.testing.assert_close(x2.grad, x.grad, **TOL)
-    for p, q in zip(eager.parameters(), fused.parameters()):
+    params = list(zip(eager.parameters(), fused.parameters(), strict=True))
+    assert params
+    for p, q in params:
         torch.testing.assert_close(q.grad, p.grad, **TOL)
