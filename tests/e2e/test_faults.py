@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_logs import newest_complete_step, resumed_from, steps_per_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_run import TINY_RUN
 
@@ -60,7 +61,15 @@ def test_sigkill_at_a_random_moment_then_resume_auto(straight, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    subprocess.run(command(logdir, "--resume", "auto"), check=True, capture_output=True, env=env)
+    newest = newest_complete_step(logdir)
+    assert newest is not None and newest >= 2
+    resumed = subprocess.run(command(logdir, "--resume", "auto"), check=True, capture_output=True, env=env, text=True)
+    # From the newest complete step folder, running only the steps after it (a restart from scratch would
+    # reproduce the same deterministic losses).
+    assert resumed_from(resumed.stdout) == [(str(logdir / "checkpoints" / f"step_{newest:08d}"), newest)]
+    before, after = steps_per_process(logdir)
+    assert before == list(range(1, len(before) + 1)) and len(before) >= newest
+    assert after == list(range(newest + 1, STEPS + 1))
     got = losses(logdir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
@@ -77,7 +86,9 @@ def test_sigkill_while_writing_a_checkpoint(straight, tmp_path):
     assert not (ckpts / "step_00000003").exists()
     resumed = subprocess.run(command(logdir, "--resume", "auto"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout and "step_00000002" in resumed.stdout  # ... and never picked up
+    # ... and never picked up: the run continues from step 2 and logs only the steps after it.
+    assert resumed_from(resumed.stdout) == [(str(ckpts / "step_00000002"), 2)]
+    assert steps_per_process(logdir) == [[1, 2, 3], [3, 4, 5]]
     got = losses(logdir)
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step

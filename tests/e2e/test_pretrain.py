@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from run_logs import resumed_from, steps_per_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_run import TINY_RUN
 
@@ -64,13 +65,18 @@ def test_demo_run_writes_logs_images_checkpoints_and_export(tmp_path):
     assert json.loads((logdir / "summary.json").read_text())["steps"] == 4
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
+def test_resume_continues_the_same_loss_curve(tmp_path, capsys):
     straight = tmp_path / "straight"
     run(straight, **{"train.num_steps": 4, "train.eval_num": 2})
     # Interrupted after step 2 (its checkpoint), then resumed with the same command plus --resume auto.
     resumed = tmp_path / "resumed"
     run(resumed, **{"train.num_steps": 2, "train.eval_num": 2})
+    capsys.readouterr()
     run(resumed, **{"train.num_steps": 4, "train.eval_num": 2, "train.resume": "auto"})
+    # From the newest complete step folder, running (and logging) only the steps after it: a resume that silently
+    # started over would reproduce the same deterministic losses.
+    assert resumed_from(capsys.readouterr().out) == [(str(resumed / "checkpoints" / "step_00000002"), 2)]
+    assert steps_per_process(resumed) == [[1, 2], [3, 4]]
     a = scalars(straight, "train/loss_total")
     b = scalars(resumed, "train/loss_total")
     assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [1, 2, 3, 4]
