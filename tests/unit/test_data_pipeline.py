@@ -113,9 +113,7 @@ def test_spacing_resamples(demo: Path, tmp_path: Path) -> None:
     path = _images(demo)[0]
     chain = build_load_transforms(DataConfig(roi=(32, 32, 32), spacing=(7.0, 7.0, 7.0))).transforms
     assert not any(isinstance(t, Spacingd) for t in build_load_transforms(DataConfig()).transforms)
-    resampled = Compose([chain[0], chain[2], chain[3]])({"image": path})[
-        "image"
-    ]  # load, orient, resample
+    resampled = Compose([chain[0], chain[2], chain[3]])({"image": path})["image"]  # load, orient, resample
     assert torch.allclose(resampled.pixdim, torch.tensor([7.0, 7.0, 7.0], dtype=resampled.pixdim.dtype))
     original = Compose([chain[0], chain[2]])({"image": path})["image"]
     assert resampled.numel() < original.numel() / 5  # ~3.5 mm voxels -> 7 mm
