@@ -91,10 +91,15 @@ def global_batches(grad_accum: int, world: int = WORLD, micro: int = MICRO) -> t
     return torch.rand(STEPS, grad_accum, WORLD * MICRO, 1, *CROP, generator=g)
 
 
-def deterministic_loss(model: torch.nn.Module, x: torch.Tensor, first_index: int, gather: Any = None) -> torch.Tensor:
+def deterministic_loss(
+    model: torch.nn.Module, x: torch.Tensor, first_index: int, gather: Any = None, seen: dict[str, Any] | None = None
+) -> torch.Tensor:
     """Per-sample means of all three heads; with ``gather``, plus a term that couples every pair of samples of the
-    GLOBAL batch (like the contrastive loss does), computed on embeddings gathered from all ranks."""
+    GLOBAL batch (like the contrastive loss does), computed on embeddings gathered from all ranks. ``seen`` gets
+    the dtype the model computed its reconstruction in (the proof that bf16 ran)."""
     out = model(x)
+    if seen is not None:
+        seen.setdefault("activation_dtype", out.reconstruction.dtype)
     labels = (torch.arange(x.shape[0]) + first_index) % 4
     loss = (
         F.l1_loss(out.reconstruction.float(), x)
@@ -164,6 +169,20 @@ def apply_checkpointing(model: torch.nn.Module) -> None:
     )
 
 
+def local_sizes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
+    """Elements this rank holds: its parameters (an FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition
+    ``ds_tensor``) and its optimizer's Adam moments (the torch optimizer inside DeepSpeed's or fairscale's)."""
+
+    def local(t: torch.Tensor) -> int:
+        t = getattr(t, "ds_tensor", t)
+        return int(t.to_local().numel() if hasattr(t, "to_local") else t.numel())
+
+    while not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optim"):
+        optimizer = getattr(optimizer, "optimizer", None) or optimizer.optim  # DeepSpeed's ZeRO / fairscale's OSS
+    moments = [v for s in optimizer.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    return {"params": sum(local(p) for p in model.parameters()), "optim": sum(local(v) for v in moments)}
+
+
 def full_optimizer_state(strategy) -> dict[str, dict[str, torch.Tensor]]:
     """DeepSpeed: Adam's exp_avg / exp_avg_sq of every parameter, full and fp32, gathered from the ZeRO partitions
     (collective)."""
@@ -214,8 +233,8 @@ def make_strategy(preset: dict[str, Any], sc: Scenario, world: int, micro: int, 
         from ssl3d.memory import apply_activation_checkpointing as apply_policy
 
         apply_policy(model, sc.checkpointing)  # swaps block/decoder classes; names unchanged
-    wrapped, _ = strategy.setup(model, make_optimizer)
-    return strategy, wrapped
+    wrapped, optimizer = strategy.setup(model, make_optimizer)
+    return strategy, wrapped, optimizer
 
 
 def train(
@@ -230,6 +249,7 @@ def train(
     on_step: Any = None,
     saved: dict[str, Any] | None = None,
     record_optimizer: bool = False,
+    seen: dict[str, Any] | None = None,
 ):
     """Steps ``first_step..STEPS-1``; returns per-step gradient norms and mean losses (this rank's).
 
@@ -252,7 +272,7 @@ def train(
             with strategy.accumulate(sync):
                 with strategy.autocast():
                     gather = (strategy.gather_embeddings if world > 1 else lambda t: t) if sc.gather else None
-                    loss = deterministic_loss(model, x, rank * micro, gather)
+                    loss = deterministic_loss(model, x, rank * micro, gather, seen)
                 if sc.nan_step == step:
                     loss = loss * float("nan")
                 strategy.backward(loss, sync=sync)
@@ -275,8 +295,9 @@ def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str,
     from ssl3d.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
-    strategy, model = make_strategy(job.preset, sc, job.world, job.micro, out)
+    strategy, model, optimizer = make_strategy(job.preset, sc, job.world, job.micro, out)
     result: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
     first = 0
     if sc.resume_from:
         root = Path(job.checkpoint_dir) if job.checkpoint_dir else out / f"{job.backend}_{sc.resume_from}_ckpt"
@@ -309,8 +330,16 @@ def run_scenario(job: Job, sc: Scenario, rank: int, out: Path, states: dict[str,
             ckpt_root,
             saved=saved,
             record_optimizer=job.record_optimizer,
+            seen=seen,
         )
         result.update(norms=norms, losses=losses, saved_state=saved.get("state"), saved_optim=saved.get("optim"))
+        result["activation_dtype"] = seen.get("activation_dtype")
+        if sc.name == "plain" and job.world > 1:  # what each rank holds, and DeepSpeed's ZeRO stage
+            sizes = local_sizes(model, optimizer)
+            if hasattr(model, "zero_optimization_stage"):
+                sizes["zero_stage"] = model.zero_optimization_stage()
+            result["local_sizes"] = [{} for _ in range(job.world)]
+            torch.distributed.all_gather_object(result["local_sizes"], sizes)
     state = strategy.full_state_dict()  # collective
     result["state"] = state
     result["seconds"] = time.perf_counter() - t0
