@@ -92,3 +92,66 @@ def test_preset_and_run_input_problems_are_reported_together(tmp_path, capsys):
     assert any("zero_optimisation" in line for line in err), err
     assert any(str(missing) in line for line in err), err
     assert not logdir.exists()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+# Every reference flag the README lists -> the config keys it must change (and nothing else), with values that
+# differ from the defaults.
+REFERENCE_FLAGS = [
+    ("--batch_size=3", {"train.batch_size": 3}),
+    ("--sw_batch_size=3", {"data.num_samples": 3}),
+    ("--num_steps=11", {"train.num_steps": 11}),
+    ("--lrdecay", {"optim.schedule": "warmup_cosine"}),
+    ("--lrdecay --lr_schedule=poly", {"optim.schedule": "poly"}),
+    ("--num_steps=11 --lr_schedule=poly", {"train.num_steps": 11}),  # the seed: constant rate without --lrdecay
+    ("--eval_num=7", {"train.eval_num": 7}),
+    ("--warmup_steps=9", {"optim.warmup_steps": 9}),
+    ("--logdir=abc", {"train.logdir": "runs/abc"}),
+    ("--logdir=./abc", {"train.logdir": "./abc"}),
+    ("--lr=2e-5", {"optim.lr": 2e-5}),
+    ("--decay=0.03", {"optim.weight_decay": 0.03}),
+    ("--momentum=0.8", {"optim.momentum": 0.8}),
+    ("--opt=sgd", {"optim.name": "sgd"}),
+    ("--roi_x=64", {"data.roi": (64, 96, 96)}),
+    ("--roi_y=64 --roi_z=64", {"data.roi": (96, 64, 64)}),
+    ("--use_checkpoint", {"model.use_checkpoint": True}),
+    ("--feature_size=24", {"model.feature_size": 24}),
+    ("--dropout_path_rate=0.2", {"model.drop_path_rate": 0.2}),
+    ("--noamp", {"train.precision": "fp32"}),
+    ("--grad_clip", {"train.grad_clip": 1.0}),
+    ("--grad_clip --max_grad_norm=0.5", {"train.grad_clip": 0.5}),
+    ("--num_steps=11 --max_grad_norm=0.5", {"train.num_steps": 11}),  # the seed clips only with --grad_clip
+    ("--a_min=-900", {"data.a_min": -900.0}),
+    ("--a_max=900", {"data.a_max": 900.0}),
+    ("--b_min=0.1", {"data.b_min": 0.1}),
+    ("--b_max=0.9", {"data.b_max": 0.9}),
+    ("--space_x=1.0", {"data.spacing": (1.0, 1.5, 2.0)}),
+    ("--space_y=1.0", {"data.spacing": (1.5, 1.0, 2.0)}),
+    ("--space_z=1.0", {"data.spacing": (1.5, 1.5, 1.0)}),
+    ("--cache_dataset", {"data.dataset": "cache"}),
+    ("--smartcache_dataset", {"data.dataset": "smart_cache"}),
+    ("--seed=5 --resume={tmp}/step_00000010", {"train.seed": 5, "train.resume": "{tmp}/step_00000010"}),
+    ("--seed=5", {"train.seed": 5}),
+    ("--num_workers=3", {"data.num_workers": 3}),
+]
+
+
+@pytest.mark.parametrize(("argv", "changed"), REFERENCE_FLAGS, ids=[a for a, _ in REFERENCE_FLAGS])
+def test_each_reference_flag_sets_its_key_and_nothing_else(argv, changed, tmp_path):
+    (tmp_path / "step_00000010").mkdir()
+    (tmp_path / "step_00000010" / "COMPLETE").touch()
+    argv = argv.replace("{tmp}", str(tmp_path))
+    changed = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in changed.items()}
+    base = _flat(build_config(seed_args([]), seed_flags=True, demo=False).to_dict())
+    got = _flat(build_config(seed_args(argv.split()), seed_flags=True).to_dict())
+    diff = {k: v for k, v in got.items() if v != base.get(k)}
+    assert diff == changed
