@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import torch
 from monai.networks.nets import SwinUNETR
 
 from ssl3d.checkpoint import export_swinvit, load_init_weights, read_weights
+from ssl3d.cli import main
 from ssl3d.model import build_model
 
 
@@ -49,3 +52,33 @@ def test_reference_checkpoint_with_ddp_prefix_and_old_mlp_names(tmp_path, tiny_m
     assert load_init_weights(dst, tmp_path / "model_bestValRMSE.pt") == []
     x = torch.rand(1, 1, 32, 64, 64)
     torch.testing.assert_close(dst(x).reconstruction, src(x).reconstruction)
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile weight file can hold: unpickling it calls a function of the author's choice (here: creates a
+    marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_files_that_need_unpickling_are_refused_unless_allow_pickle(tmp_path, tiny_model_cfg, capsys):
+    """weights_only=True: a file carrying anything but tensors and plain containers is refused with one line (exit
+    2, its code never run, nothing written); ``ssl3d export --allow-pickle`` reads it."""
+    torch.manual_seed(5)
+    src = build_model(tiny_model_cfg)
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "old_checkpoint.pt"
+    torch.save({"state_dict": src.state_dict(), "args": _RunsCodeWhenUnpickled(marker)}, path)
+    out = tmp_path / "model_swinvit.pt"
+    assert main(["export", str(path), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "--allow-pickle" in err[0], err
+    assert not marker.exists() and not out.exists()
+    assert main(["export", str(path), str(out), "--allow-pickle"]) == 0
+    assert marker.exists()  # really unpickled
+    exported = torch.load(out, weights_only=True)["state_dict"]
+    assert torch.equal(exported["module.patch_embed.proj.weight"], src.state_dict()["swinViT.patch_embed.proj.weight"])
