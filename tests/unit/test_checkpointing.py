@@ -13,6 +13,7 @@ import pickle
 import pytest
 import torch
 from monai.networks.nets.swin_unetr import SwinTransformerBlock
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl3d.config import ConfigError, ModelConfig
 from ssl3d.memory.checkpointing import (
@@ -177,3 +178,105 @@ def test_full_policy_under_torch_compile(reference):
         ref = ref_grads[k.replace("_orig_mod.", "")]
         err, scale = (g - ref).abs().max().item(), ref.abs().max().item()
         assert err <= 1e-4 * scale + 1e-6, f"{k}: {err:.3g} vs max {scale:.3g}"
+
+
+# -- what each policy does, measured -------------------------------------------------------------------------
+
+# Modules that run their forward twice (once more in backward) under each policy of POLICIES, for TINY (depths
+# 2-2-1-1): "attn"/"mlp" of blocks (stage, block), "merge" of stages, "decoder" = every conv of the decoder.
+_ALL_BLOCKS = [(s, b) for s, n in enumerate(TINY.depths) for b in range(n)]
+RECOMPUTED = {
+    "full": {("attn", *k) for k in _ALL_BLOCKS}
+    | {("mlp", *k) for k in _ALL_BLOCKS}
+    | {("merge", s) for s in range(4)}
+    | {("decoder",)},
+    "selective-default": {("attn", s, b) for s, b in _ALL_BLOCKS if s in (0, 1)},
+    "selective-mlp-k2-decoder": {("mlp", 0, 0), ("mlp", 1, 0), ("decoder",)},
+    "selective-both-stages-0-3": {(part, s, b) for part in ("attn", "mlp") for s, b in _ALL_BLOCKS if s in (0, 3)},
+    "selective-merging-only": {("attn", 1, 0), ("mlp", 1, 0), ("attn", 1, 1), ("mlp", 1, 1), ("merge", 1)},
+    "offload": set(),
+}
+RECOMPUTED["full-cpu-checkpointing"] = RECOMPUTED["full"]
+
+
+def _measured_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple[set, int, int]:
+    """One forward + backward; returns the modules whose forward ran twice, the bytes autograd saved outside any
+    policy region, and the bytes offload copied to (simulated) host memory."""
+    calls: dict[tuple, int] = {}
+
+    def count(key: tuple):
+        def hook(*_):
+            calls[key] = calls.get(key, 0) + 1
+
+        return hook
+
+    for s in range(4):
+        layer = getattr(model.swinViT, f"layers{s + 1}")[0]
+        for b, block in enumerate(layer.blocks):
+            block.attn.register_forward_hook(count(("attn", s, b)))
+            block.mlp.register_forward_hook(count(("mlp", s, b)))
+        # Inside the patch merging: its own forward is re-run by its swapped class without its hooks.
+        layer.downsample.reduction.register_forward_hook(count(("merge", s)))
+    convs = [m for m in model.conv if isinstance(m, torch.nn.Conv3d)]
+    for conv in convs:
+        conv.register_forward_hook(count(("decoder",)))
+    saved, host = [0], [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    class HostCopies(TorchDispatchMode):  # what offload allocates as (simulated) host memory
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.clone.default:  # the copy (detach before it is a view)
+                host[0] += out.numel() * out.element_size()
+            return out
+
+    # Recompute whole regions (torch stops a recomputation early once it has every saved tensor back, which would
+    # hide the last module of a region from the count).
+    with simulate_offload(HostCopies), torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+            loss = SSLLoss()(out.rotation, labels, out.contrastive, out.reconstruction, x)["total"]
+        loss.backward()
+    twice = {k for k, n in calls.items() if n == 2}
+    decoder_runs = calls[("decoder",)] / len(convs)
+    twice.discard(("decoder",))
+    if decoder_runs == 2:
+        twice.add(("decoder",))
+    assert all(n == 1 for k, n in calls.items() if k not in twice and k != ("decoder",)), calls
+    assert decoder_runs in (1, 2), decoder_runs
+    return twice, saved[0], host[0]
+
+
+@pytest.fixture(scope="module")
+def measured_none(reference):
+    model, x, labels, *_ = reference
+    return _measured_step(copy.deepcopy(model), x, labels)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_policy_recomputes_and_offloads_what_it_says(reference, measured_none, name):
+    """Counted, not labelled: the modules a policy checkpoints run their forward a second time in backward (and no
+    others do); what they saved for backward leaves autograd's saved tensors; offload moves every saved tensor
+    of its regions to host memory instead of recomputing."""
+    model, x, labels, *_ = reference
+    m = copy.deepcopy(model)
+    apply_activation_checkpointing(m, POLICIES[name])
+    twice, saved, host = _measured_step(m, x, labels)
+    none_twice, none_saved, none_host = measured_none
+    assert none_twice == set() and none_host == 0
+    assert twice == RECOMPUTED[name]
+    print(f"{name}: saved {saved / 2**20:.1f} MiB (none: {none_saved / 2**20:.1f}), host copies {host / 2**20:.1f} MiB")
+    if name == "offload":
+        # Every block, merging and decoder stage offloaded: all that is left on the device is the patch embedding's
+        # and the heads' (a few %); the rest is in host memory, byte for byte.
+        assert saved < 0.1 * none_saved
+        assert saved + host == none_saved
+    else:
+        assert saved < (0.15 if name.startswith("full") else 0.9) * none_saved
+        if "cpu" in name:  # cpu_checkpointing: the checkpoints' inputs in host memory as well
+            assert host > 0 and saved < 0.1 * none_saved
+        else:
+            assert host == 0
