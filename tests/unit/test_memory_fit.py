@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from ssl3d.cli import build_config, main, make_parser
 from ssl3d.config import ConfigError, ModelConfig
+from ssl3d.memory import apply_activation_checkpointing, checkpointed_modules
 from ssl3d.memory.estimate import estimate_memory
 from ssl3d.memory.plan import DEFAULT_LADDER, fit_memory
+from ssl3d.model import build_model
+from ssl3d.trainer import Trainer
 
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24), window_size=4)
 ROI = (32, 64, 64)
@@ -71,10 +75,11 @@ def test_fit_says_what_would_fit_when_nothing_does() -> None:
         fit_memory(10 * 2**20, TINY, ROI, 1, 2, precision="fp32", device="cpu")
 
 
-def test_pretrain_fit_memory_applies_the_plan(tmp_path, capsys) -> None:
+def test_pretrain_fit_memory_applies_the_plan(tmp_path, capsys, monkeypatch) -> None:
     run = {
         "model.feature_size": 12,
         "model.depths": [1, 1, 1, 1],
+        "model.fused_attention": True,  # (eager attention's temporaries hide what checkpointing saves at this size)
         "data.roi": list(ROI),
         "data.num_samples": 2,
         "data.num_workers": 0,
@@ -91,11 +96,28 @@ def test_pretrain_fit_memory_applies_the_plan(tmp_path, capsys) -> None:
     kw = {"fused_attention": cfg.model.fused_attention, "device": "cpu", "contrastive_dim": cfg.ssl.contrastive_dim}
     budget = estimate_memory(cfg.model, ROI, 1, 2, "fp32", "none", **kw).total - 1  # the run as configured: too big
     args.append(f"--fit-memory={budget}")
+    applied: dict = {}
+    fit = Trainer.fit
+
+    def recording_fit(self):  # what the model the run trains really carries
+        applied["modules"] = checkpointed_modules(self.model)
+        applied["grad_cache_chunk"] = self.cfg.ssl.grad_cache_chunk
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
     assert main(args) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "--fit-memory" in x)
     assert "estimated peak" in line and "'none', no gradient caching" not in line
     assert (tmp_path / "run" / "model_swinvit.pt").is_file()
+    # The chosen rung is what the trained model carries: the same modules checkpointed as that policy gives a
+    # fresh model, and the gradient-caching chunk the line names.
+    name = re.search(r"activation checkpointing '([^']+)'", line)[1]
+    chunk = re.search(r"gradient caching (\d+) views per chunk", line)
+    expected = build_model(cfg.model, cfg.ssl.contrastive_dim)
+    apply_activation_checkpointing(expected, dict(DEFAULT_LADDER)[name])
+    assert applied["modules"] == checkpointed_modules(expected) != {}
+    assert applied["grad_cache_chunk"] == (int(chunk[1]) if chunk else 0)
 
 
 def test_fit_memory_bad_size_is_a_config_error(tmp_path, capsys) -> None:
