@@ -6,11 +6,15 @@ run killed at any moment never leaves a half-written folder that ``--resume auto
 
 from __future__ import annotations
 
+import errno
+import gc
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,8 @@ from typing import Any
 import torch
 
 from ssl3d.config import Config, ConfigError
-from ssl3d.strategies.base import Strategy, clean_name
+from ssl3d.errors import CheckpointWriteError
+from ssl3d.strategies.base import CHECKPOINT_LAYOUTS, Strategy, clean_name
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -68,6 +73,65 @@ def kill_hook(variable: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``directory`` (fsynced on the way: both read every byte once)."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != COMPLETE:
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+                files[path.relative_to(directory).as_posix()] = {
+                    "size": os.fstat(fh.fileno()).st_size,
+                    "sha256": hashlib.file_digest(fh, "sha256").hexdigest(),
+                }
+    return files
+
+
+def checkpoint_problem(directory: Path, checksums: bool = True) -> str | None:
+    """Why the checkpoint folder cannot be trusted, or None: its COMPLETE marker lists every file with its size and
+    SHA-256, and each must match (sizes only with ``checksums=False``). Markers written before sizes and checksums
+    were recorded are trusted as they are."""
+    marker = Path(directory) / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} marker (the folder was never finished, or the marker was removed)"
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except (ValueError, AttributeError):
+        return f"its {COMPLETE} marker is not the JSON ssl3d writes"
+    for rel, want in (files or {}).items():
+        path = Path(directory) / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, the marker lists {want['size']} (truncated or rewritten)"
+        if checksums and _digest(path) != want["sha256"]:
+            return f"{rel} differs from its SHA-256 in the marker (same size: changed after it was written)"
+    return None
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _is_disk_full(exc: BaseException | None, free: int, need: int) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    # torch's zip writer reports a short write as "unexpected pos": then the free space tells.
+    return free < max(need, 1) or free == 0
+
+
 class CheckpointManager:
     """Step folders ``step_XXXXXXXX`` (the newest ``keep`` kept) and ``best`` under one root."""
 
@@ -77,26 +141,74 @@ class CheckpointManager:
         self.keep = keep
 
     def _write(self, final: Path, extra: dict[str, Any]) -> None:
+        """Every rank writes its part into a temporary folder; rank 0 lists each file's size and SHA-256 in the
+        COMPLETE marker, fsyncs and renames. A failure on any rank (a full disk) is agreed on by all of them, the
+        temporary folder is removed and the run stops (``CheckpointWriteError``); earlier checkpoints stay intact."""
         s = self.strategy
         tmp = final.with_name(f".tmp_{final.name}")
+        failure: BaseException | None = None
         if s.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         s.barrier()
-        s.save(tmp, extra)
+        try:
+            s.save(tmp, extra)
+        except (OSError, RuntimeError) as exc:  # torch reports a short write as a RuntimeError
+            failure = exc
         if STEP_DIR.match(final.name):
             kill_hook("SSL3D_KILL_DURING_SAVE", int(final.name.removeprefix("step_")), s.rank)
+        if s.any_rank(failure is not None):
+            self._fail(final, tmp, failure)
+        if s.is_main:
+            try:
+                marker = {"step": extra.get("step"), "strategy": s.name, "files": _manifest(tmp)}
+                (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
+                _fsync_tree(tmp)
+                old = final.with_name(f".old_{final.name}")
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            except OSError as exc:
+                failure = exc
+        if s.any_rank(failure is not None):
+            self._fail(final, tmp, failure)
+
+    def _fail(self, final: Path, tmp: Path, failure: BaseException | None) -> None:
+        """Remove the partial folder and stop with the path, the space needed and free, and where to resume."""
+        s = self.strategy
+        written = _tree_bytes(tmp)
+        chain = failure
+        while chain is not None:  # the failed writer's frames hold its open file: removed, it would still take space
+            traceback.clear_frames(chain.__traceback__)
+            chain = chain.__cause__ or chain.__context__
+        gc.collect()
         s.barrier()
         if s.is_main:
-            (tmp / COMPLETE).write_text(json.dumps({"step": extra.get("step"), "strategy": s.name}))
-            _fsync_tree(tmp)
-            old = final.with_name(f".old_{final.name}")
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        s.barrier()
+            shutil.rmtree(tmp, ignore_errors=True)
+        s.barrier()  # the free space below is what is left without the partial folder
+        previous = self.latest()
+        need = _tree_bytes(previous) if previous is not None else 0
+        probe = self.root if self.root.exists() else self.root.parent
+        free = shutil.disk_usage(probe).free
+        if _is_disk_full(failure, free, need):
+            what = "no space left on device"
+        else:
+            cause = failure
+            while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            what = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause else "another rank failed"
+        size = (
+            f"it needs about {_gib(need)} (the size of {previous.name})"
+            if previous
+            else (f"{_gib(written)} were written before the failure")
+        )
+        where = f"resume from {previous} with --resume auto" if previous else "no earlier checkpoint: start again"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: {what}; {size}, {_gib(free)} free on {probe} after removing the "
+            f"partial {tmp.name}; free space (or point train.logdir elsewhere) and {where}"
+        )
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
         final = self.root / f"step_{step:08d}"
@@ -126,21 +238,62 @@ class CheckpointManager:
         dirs = self.step_dirs()
         return dirs[-1] if dirs else None
 
+    def resume_point(self, resume: str | None) -> Path | None:
+        """``resolve_resume`` with every checksum verified, once (rank 0), and the answer shared by all ranks."""
+        s = self.strategy
+        answer: tuple[str | None, list[str]] = (None, [])
+        if s.is_main:
+            try:
+                found = resolve_resume(resume, self.root, checksums=True)
+                answer = (str(found) if found is not None else None, [])
+            except ConfigError as exc:
+                answer = (None, exc.problems)
+        path, problems = s.broadcast_object(answer)
+        if problems:
+            raise ConfigError(problems)
+        return Path(path) if path is not None else None
 
-def resolve_resume(resume: str | None, root: Path) -> Path | None:
-    """``auto``: the newest complete step folder under ``root`` (None on a fresh run); else the given path."""
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    return STEP_DIR.match(path.name) is not None or any((path / n).exists() for n in CHECKPOINT_LAYOUTS)
+
+
+def resolve_resume(resume: str | None, root: Path, checksums: bool = False) -> Path | None:
+    """``auto``: the newest step folder under ``root`` that verifies (None on a fresh run); each one that does not
+    is named in a warning and skipped. A checkpoint folder named explicitly must verify (ConfigError otherwise); a
+    run folder means its newest checkpoint that verifies. ``checksums=False`` checks markers and sizes only."""
     if not resume:
         return None
-    if resume == "auto":
-        return CheckpointManager(root, strategy=None).latest()  # type: ignore[arg-type]
     path = Path(resume)
-    if path.is_dir() and not is_complete(path):
-        # A run root rather than a step folder: take its newest complete checkpoint.
-        found = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path, None).latest()  # type: ignore[arg-type]
-        if found is None:
-            raise ConfigError(f"train.resume: {path} holds no complete checkpoint (no {COMPLETE} marker)")
-        return found
-    return path
+    if resume != "auto" and path.is_dir() and _looks_like_checkpoint(path):
+        problem = checkpoint_problem(path, checksums)
+        if problem:
+            raise ConfigError(
+                f"train.resume: checkpoint {path} is damaged: {problem}; name an intact one, or use "
+                '"auto" to take the newest that verifies'
+            )
+        return path
+    if resume != "auto" and not path.is_dir():
+        return path  # a file; read and checked by whoever loads it
+    if resume != "auto":  # a run root rather than a step folder
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True) if root.is_dir() else []
+    damaged = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate, checksums)
+        if problem is None:
+            return candidate
+        damaged.append(candidate)
+        if checksums:  # the verifying pass (rank 0, in the trainer) speaks; the quick pre-check stays quiet
+            warnings.warn(f"checkpoint {candidate} is damaged ({problem}); trying the one before it", stacklevel=2)
+    if damaged:
+        raise ConfigError(
+            f"train.resume: no checkpoint under {root} verifies ({len(damaged)} damaged, newest {damaged[0].name}); "
+            "restore one, or start over in a new train.logdir"
+        )
+    if resume != "auto":
+        raise ConfigError(f"train.resume: {path} holds no complete checkpoint (no {COMPLETE} marker)")
+    return None
 
 
 # Settings that decide the shapes of the saved tensors: a checkpoint resumes only into the same values.
@@ -212,14 +365,38 @@ def export_swinvit(model_state: dict[str, torch.Tensor], path: Path) -> Path:
     return Path(path)
 
 
-def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def _weights_problem(path: Path) -> str | None:
+    """A checkpoint folder must verify; a file inside one (``step_X/state.pt``) must match its marker entry."""
+    if path.is_dir():
+        return checkpoint_problem(path) if _looks_like_checkpoint(path) or (path / COMPLETE).exists() else None
+    marker = path.parent / COMPLETE
+    if not marker.is_file():
+        return None
+    try:
+        want = (json.loads(marker.read_text()).get("files") or {}).get(path.name)
+    except (ValueError, AttributeError):
+        return None
+    if want is None:
+        return None
+    if path.stat().st_size != want["size"]:
+        return f"{path.stat().st_size} bytes, the marker lists {want['size']} (truncated or rewritten)"
+    if _digest(path) != want["sha256"]:
+        return "differs from its SHA-256 in the marker (changed after it was written)"
+    return None
+
+
+def read_weights(path: Path, allow_pickle: bool = False, verify: bool = True) -> dict[str, torch.Tensor]:
     """Any weight file ssl3d knows -> plain SSL-model names (``swinViT.*``, heads, ``conv.*``).
 
     Reads ``model_swinvit.pt`` (encoder only, ``module.`` prefix, fc1/fc2 names), the reference's checkpoints
     (``{"state_dict": ...}``, possibly with DDP's ``module.``), ssl3d's step folders and consolidated files.
     Loaded with ``weights_only=True``: a file that needs full unpickling is refused unless ``allow_pickle``.
+    A checkpoint folder (or a file in one) is verified against its marker first (``verify``).
     """
     path = Path(path)
+    problem = _weights_problem(path) if verify else None
+    if problem:
+        raise ConfigError(f"{path}: damaged checkpoint: {problem}")
     if path.is_dir():  # a checkpoint folder of any backend (state.pt, DCP shards, DeepSpeed ZeRO partitions)
         from ssl3d.strategies import read_checkpoint_weights
 

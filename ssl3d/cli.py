@@ -297,8 +297,8 @@ def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
 def run_export(a: argparse.Namespace) -> int:
     from ssl3d.checkpoint import export_swinvit, read_weights, resolve_resume
 
-    src = resolve_resume(a.checkpoint, Path(a.checkpoint))
-    state = read_weights(src, allow_pickle=a.allow_pickle)
+    src = resolve_resume(a.checkpoint, Path(a.checkpoint), checksums=True)  # the newest that verifies
+    state = read_weights(src, allow_pickle=a.allow_pickle, verify=False)  # just verified
     out = export_swinvit(state, Path(a.output))
     print(f"ssl3d: wrote {out} ({sum(1 for k in state if k.startswith('swinViT.'))} encoder tensors)")
     return 0

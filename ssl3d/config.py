@@ -324,8 +324,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"model.in_channels: got {m.in_channels}, expected at least 1 (CT: 1)")
     if not 0.0 <= m.drop_path_rate < 1.0:
         p.append(f"model.drop_path_rate: got {m.drop_path_rate}, expected a value in [0, 1)")
-    if m.init_weights and check_files and not Path(m.init_weights).is_file():
-        p.append(f"model.init_weights: file {m.init_weights} not found")
+    if m.init_weights and check_files and not Path(m.init_weights).exists():
+        p.append(f"model.init_weights: {m.init_weights} not found; expected a weight file or a checkpoint folder")
     for i, r in enumerate(d.roi):
         if r <= 0 or r % 32:
             p.append(

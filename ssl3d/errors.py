@@ -10,3 +10,8 @@ class BadVolumeError(RuntimeError):
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says where to resume."""
+
+
+class CheckpointWriteError(TrainingStopped):
+    """A checkpoint could not be written (e.g. the disk is full); the message names the path, the space needed and
+    free, and the checkpoint to resume from."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ssl3d.checkpoint import CheckpointManager, export_swinvit, kill_hook, load_init_weights, resolve_resume
+from ssl3d.checkpoint import CheckpointManager, export_swinvit, kill_hook, load_init_weights
 from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
@@ -120,7 +120,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.logdir / "checkpoints", strategy, keep=cfg.train.keep_checkpoints)
         self.planted_nan = _planted_nan_steps()
         self.bad_volumes: dict[str, int] = {}  # "<path>: <reason>" -> times replaced (this rank)
-        resume = resolve_resume(cfg.train.resume, self.logdir / "checkpoints")
+        resume = self.checkpoints.resume_point(cfg.train.resume)  # verified: a damaged one is never trusted
         if resume is not None:
             self._resume(resume)
         s = self.state

@@ -183,6 +183,23 @@ class Strategy(ABC):
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any (one small all-reduce): how ranks agree on a failed
+        checkpoint write or a preemption signal at the same point."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (e.g. the checkpoint it verified)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather_embeddings(self, t: torch.Tensor) -> torch.Tensor:
         """All ranks' rows of ``t`` ([N, E] -> [world x N, E]) with gradients, when ``gather_contrastive`` is on.
 
