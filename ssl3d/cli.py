@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ssl3d.config import Config, ConfigError, load_config
-from ssl3d.errors import BadVolumeError, TrainingStopped
+from ssl3d.errors import BadVolumeError, Preempted, TrainingStopped
 
+# Exit codes (README, "When things go wrong"): 0 done; 2 bad input, nothing started; 3 stopped (non-finite steps,
+# out of memory, a checkpoint that could not be written): fix the cause, then --resume auto; 4 preempted by a
+# signal after writing a checkpoint: run the same command with --resume auto; 130 interrupted (Ctrl-C).
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+EXIT_PREEMPTED = 4
 
 # `ssl3d pretrain` with no config: a run that finishes in minutes on a CPU, the reference size on a GPU.
 DEMO_CPU = {
@@ -503,6 +507,9 @@ def guarded(fn, *args: Any) -> int:
     except TrainingStopped as exc:
         print(f"ssl3d: stopped: {exc}", file=sys.stderr)
         return EXIT_STOPPED
+    except Preempted as exc:
+        print(f"ssl3d: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("ssl3d: interrupted; resume with --resume auto", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,6 +121,11 @@ class TrainConfig:
     max_val_batches: int | None = None  # None: the whole validation list
     keep_checkpoints: int = 2  # newest step folders kept (best/ is kept besides)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
+    # Also write a checkpoint when this many minutes passed since the last one (besides every eval_num steps).
+    checkpoint_every_minutes: float | None = None
+    # Signals that make every rank finish its step, write a checkpoint and exit with code 4 (SLURM, Kubernetes and
+    # spot instances send SIGTERM before killing; SLURM's --signal sends what it is told, e.g. USR1).
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -404,6 +410,16 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"train.max_val_batches: got {t.max_val_batches}, expected at least 1 or null (all)")
     if check_files and Path(t.logdir).exists() and not Path(t.logdir).is_dir():
         p.append(f"train.logdir: {t.logdir} is a file, not a folder; expected a (new or existing) folder")
+    if t.checkpoint_every_minutes is not None and t.checkpoint_every_minutes <= 0:
+        p.append(
+            f"train.checkpoint_every_minutes: got {t.checkpoint_every_minutes}, expected a positive number or null"
+        )
+    for i, name in enumerate(t.preempt_signals):
+        if name in ("SIGKILL", "SIGSTOP") or not isinstance(getattr(signal, str(name), None), signal.Signals):
+            p.append(
+                f"train.preempt_signals[{i}]: got {json.dumps(name)}, expected a signal name that can be caught, "
+                'e.g. "SIGTERM", "SIGUSR1", "SIGUSR2"'
+            )
     if t.grad_clip is not None and t.grad_clip <= 0:
         p.append(f"train.grad_clip: got {t.grad_clip}, expected a positive norm or null")
     if t.resume and t.resume != "auto" and check_files and not Path(t.resume).exists():

@@ -15,3 +15,7 @@ class TrainingStopped(RuntimeError):
 class CheckpointWriteError(TrainingStopped):
     """A checkpoint could not be written (e.g. the disk is full); the message names the path, the space needed and
     free, and the checkpoint to resume from."""
+
+
+class Preempted(RuntimeError):
+    """A preemption signal stopped the run after a complete checkpoint; the message names the step and the folder."""

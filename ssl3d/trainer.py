@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from ssl3d.checkpoint import CheckpointManager, export_swinvit, kill_hook, load_
 from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
-from ssl3d.errors import TrainingStopped
+from ssl3d.errors import Preempted, TrainingStopped
 from ssl3d.logger import RunLogger
 from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model import build_model
@@ -42,6 +44,42 @@ def _planted_nan_steps() -> set[int]:
     """Test hook: SSL3D_PLANT_NAN=3,4 makes the losses of those steps (1-based) NaN."""
     raw = os.environ.get("SSL3D_PLANT_NAN", "")
     return {int(v) for v in raw.split(",") if v.strip()}
+
+
+class PreemptionFlag:
+    """Signals are state: while the loop runs, a preemption signal only sets this flag; the loop reads it at the
+    next step boundary, where ranks agree on it, and leaves through the normal checkpoint path. Handlers are
+    installed for the loop only (the main thread's previous handlers come back after it)."""
+
+    def __init__(self, names: list[str], rank: int):
+        self.signals = [signal.Signals[n] for n in names]
+        self.rank = rank
+        self.signum: int | None = None  # the signal this rank received
+        self.agreed_signum: int | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"ssl3d: rank {self.rank} got {signal.Signals(signum).name}: stopping after this step", flush=True)
+
+    def agreed(self, signum: int) -> None:
+        self.agreed_signum = signum
+
+    def describe(self) -> str:
+        got = signal.Signals(self.agreed_signum or self.signum or signal.SIGTERM).name
+        return f"preempted by {got} ({'this rank' if self.signum else 'another rank'})"
+
+    def __enter__(self) -> PreemptionFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -131,6 +169,7 @@ class Trainer:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         self.train_loader.set_epoch(s.epoch, s.batch_in_epoch)
         self.log = RunLogger(self.logdir, enabled=strategy.is_main)
+        self.preemption = PreemptionFlag(cfg.train.preempt_signals, strategy.rank)
 
     # -- one step ------------------------------------------------------------------------------------------
     def _forward_losses(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -385,6 +424,12 @@ class Trainer:
         )
         self.model.train()
         last_val: dict[str, float] = {}
+        self._last_save = time.monotonic()
+        with self.preemption:
+            return self._loop(batches, bar, volumes_per_step, last_val)
+
+    def _loop(self, batches: Any, bar: Any, volumes_per_step: int, last_val: dict[str, float]) -> dict[str, Any]:
+        cfg, s, strategy = self.cfg, self.state, self.strategy
         while s.step < cfg.train.num_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
@@ -440,17 +485,43 @@ class Trainer:
                 self.log.scalars(scalars, s.step)
             bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{losses['lr']:.2e}")
             bar.update(1)
+            saved = False
             if s.step % cfg.train.eval_num == 0 or s.step == cfg.train.num_steps:
                 last_val = self.validate()
                 self.log.scalars({f"Validation/loss_{k}": v for k, v in last_val.items()}, s.step)
                 improved = last_val["reconstruction"] < s.best_val
                 s.best_val = min(s.best_val, last_val["reconstruction"])
                 self.save()
+                saved = True
                 if improved:
                     self.checkpoints.save_best(self._extra())
                 self.log.flush()
+            if self._step_boundary(saved) and s.step < cfg.train.num_steps:  # (done anyway at the last step)
+                bar.close()
+                self.log.flush()
+                raise Preempted(
+                    f"{self.preemption.describe()}: every rank stopped after step {s.step} of {cfg.train.num_steps}; "
+                    f"checkpoint {self.checkpoints.latest()}; run the same command with --resume auto to continue"
+                )
         bar.close()
         return self.finish(last_val)
+
+    def _step_boundary(self, saved: bool) -> bool:
+        """Ranks agree (one small all-reduce) on whether any of them got a preemption signal and whether the
+        time-based checkpoint is due (rank 0's clock decides); either writes a checkpoint unless this step already
+        has one. Returns True when the run must stop."""
+        now = time.monotonic()
+        if saved:
+            self._last_save = now
+        minutes = self.cfg.train.checkpoint_every_minutes
+        due = self.strategy.is_main and minutes is not None and now - self._last_save >= 60 * minutes
+        signum, due_any = self.strategy.max_over_ranks([float(self.preemption.signum or 0), float(due)])
+        if (signum or due_any) and not saved:
+            self.save()
+            self._last_save = time.monotonic()
+        if signum:
+            self.preemption.agreed(int(signum))
+        return bool(signum)
 
     def finish(self, last_val: dict[str, float]) -> dict[str, Any]:
         """Export the encoder for fine-tuning and write a summary next to the logs."""

@@ -184,13 +184,17 @@ class Strategy(ABC):
         return t
 
     def any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on any (one small all-reduce): how ranks agree on a failed
-        checkpoint write or a preemption signal at the same point."""
+        """True on every rank when ``flag`` is True on any: how ranks agree on a failed checkpoint write."""
+        return self.max_over_ranks([1.0 if flag else 0.0])[0] > 0
+
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        """Each value's maximum over all ranks, on every rank (one small all-reduce): how ranks agree at a step
+        boundary on a preemption signal that reached only one of them, or on a checkpoint that is due."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return t.tolist()
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (e.g. the checkpoint it verified)."""
