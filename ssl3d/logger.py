@@ -1,4 +1,4 @@
-"""TensorBoard scalars and images, plus a PNG strip of the same slices next to the logs (rank 0 only)."""
+"""TensorBoard scalars and images, plus a PNG of the same planes next to the logs (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,48 @@ import numpy as np
 import torch
 from PIL import Image
 
+# A voxel counts as content above this intensity (the scaled [0, 1] range; -800 HU with the reference's scaling).
+FOREGROUND = 0.1
+PANEL_PX = 256  # small ROIs are hard to see at one pixel per voxel: panels are zoomed to about this height
 
-def middle_slices(*volumes: torch.Tensor) -> list[np.ndarray]:
-    """Axial slice at the middle of the last axis of [C, H, W, D] volumes, as uint8 [H, W] in [0, 255]."""
-    out = []
-    for v in volumes:
-        s = v[0, :, :, v.shape[-1] // 2].detach().float().clamp(0, 1).cpu().numpy()
-        out.append((s * 255).round().astype(np.uint8))
-    return out
+
+def foreground_fraction(volume: torch.Tensor) -> float:
+    """Share of a [C, H, W, D] crop that is content rather than air: picks the crop worth looking at."""
+    return float((volume[0] > FOREGROUND).float().mean())
+
+
+def _to_uint8(plane: torch.Tensor) -> np.ndarray:
+    return (plane.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def content_planes(truth: torch.Tensor, *others: torch.Tensor) -> list[list[np.ndarray]]:
+    """Axial, coronal and sagittal planes ([C, H, W, D] in RAS: x, y, z), each at the slice where the ground
+    truth holds the most foreground (not the middle slice, which in a crop of a body is often air), shown with
+    anterior / superior up. One row per plane, one column per volume, as uint8 images."""
+    fg = (truth[0] > FOREGROUND).float()
+    x = int(fg.sum(dim=(1, 2)).argmax())  # sagittal: the x with most content
+    y = int(fg.sum(dim=(0, 2)).argmax())
+    z = int(fg.sum(dim=(0, 1)).argmax())
+    rows = []
+    for take in (lambda v: v[0, :, :, z], lambda v: v[0, :, y, :], lambda v: v[0, x, :, :]):
+        rows.append([_to_uint8(take(v).T.flip(0)) for v in (truth, *others)])
+    return rows
+
+
+def grid(rows: list[list[np.ndarray]], border: int = 2) -> np.ndarray:
+    """Planes side by side (axial | coronal | sagittal), one line per volume (ground truth, corrupted input,
+    reconstruction), white borders, zoomed (nearest) to about PANEL_PX per panel. A shorter plane is padded with
+    white, never with black that would read as air."""
+    zoom = max(1, PANEL_PX // max(p.shape[0] for row in rows for p in row))
+    height = max(p.shape[0] for row in rows for p in row)
+
+    def cell(p: np.ndarray) -> np.ndarray:
+        short = (height - p.shape[0]) * zoom
+        p = np.pad(np.kron(p, np.ones((zoom, zoom), dtype=np.uint8)), border, constant_values=255)
+        return np.pad(p, ((0, short), (0, 0)), constant_values=255)
+
+    lines = [np.concatenate([cell(plane[v]) for plane in rows], axis=1) for v in range(len(rows[0]))]
+    return np.concatenate(lines, axis=0)
 
 
 class RunLogger:
@@ -40,17 +74,18 @@ class RunLogger:
     def images(
         self, tag: str, truth: torch.Tensor, corrupted: torch.Tensor, recon: torch.Tensor, step: int
     ) -> Path | None:
-        """Ground truth / corrupted input / reconstruction of one sample ([C, H, W, D] each)."""
+        """Ground truth / corrupted input / reconstruction of one crop ([C, H, W, D] each), in three planes through
+        its content: TensorBoard gets each column's axial plane and the whole grid, the log folder a PNG."""
         if self.writer is None:
             return None
-        slices = middle_slices(truth, corrupted, recon)
-        for name, s in zip(("ground_truth", "corrupted", "reconstruction"), slices):
+        rows = content_planes(truth, corrupted, recon)
+        for name, s in zip(("ground_truth", "corrupted", "reconstruction"), rows[0]):
             self.writer.add_image(f"{tag}/{name}", s[None], step, dataformats="CHW")
-        strip = np.concatenate([np.pad(s, ((2, 2), (2, 2)), constant_values=255) for s in slices], axis=1)
-        zoom = max(1, 192 // strip.shape[0])  # small ROIs are hard to see at one pixel per voxel
+        image = grid(rows)
+        self.writer.add_image(f"{tag}/planes", image[None], step, dataformats="CHW")
         path = self.logdir / "images" / f"{tag.lower()}_step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(strip).resize((strip.shape[1] * zoom, strip.shape[0] * zoom), Image.NEAREST).save(path)
+        Image.fromarray(image).save(path)
         return path
 
     def flush(self) -> None:

@@ -26,7 +26,7 @@ from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
 from ssl3d.errors import Preempted, TrainingStopped
-from ssl3d.logger import RunLogger
+from ssl3d.logger import RunLogger, foreground_fraction
 from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model import build_model
 from ssl3d.model.attention import apply_fused_attention
@@ -266,7 +266,7 @@ class Trainer:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.cfg.train.seed + 7919 * (self.strategy.rank + 1))
         totals = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=self.device)
-        first = None
+        first, best_content = None, 0.0
         for i, batch in enumerate(self.val_loader):
             if self.cfg.train.max_val_batches is not None and i >= self.cfg.train.max_val_batches:
                 break
@@ -290,9 +290,12 @@ class Trainer:
                 )
                 row = [float(losses[k]) * n for k in LOSS_KEYS] + [n]
                 totals += torch.tensor(row, device=self.device, dtype=torch.float64)
-                if first is None:
-                    j = int(valid.nonzero()[0])
-                    first = (views.views[j], views.corrupted[j], out.reconstruction[j])
+                # The image shows the crop with the most content (the first one is often air at a body's edge).
+                for j in valid.nonzero().flatten().tolist():
+                    content = foreground_fraction(views.views[j])
+                    if first is None or content > best_content:
+                        best_content = content
+                        first = (views.views[j].cpu(), views.corrupted[j].cpu(), out.reconstruction[j].float().cpu())
         self.strategy.all_reduce_sum(totals)
         self.model.train()
         count = max(float(totals[-1]), 1.0)
