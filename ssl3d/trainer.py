@@ -59,9 +59,9 @@ class PreemptionFlag:
         self._previous: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # Nothing else here: the handler may interrupt a print or a write, and re-entering one raises.
         if self.signum is None:
             self.signum = signum
-            print(f"ssl3d: rank {self.rank} got {signal.Signals(signum).name}: stopping after this step", flush=True)
 
     def agreed(self, signum: int) -> None:
         self.agreed_signum = signum
@@ -519,6 +519,9 @@ class Trainer:
         minutes = self.cfg.train.checkpoint_every_minutes
         due = self.strategy.is_main and minutes is not None and now - self._last_save >= 60 * minutes
         signum, due_any = self.strategy.max_over_ranks([float(self.preemption.signum or 0), float(due)])
+        if self.preemption.signum:
+            name = signal.Signals(self.preemption.signum).name
+            print(f"ssl3d: rank {self.strategy.rank} got {name}: stopping after step {self.state.step}", flush=True)
         if (signum or due_any) and not saved:
             self.save()
             self._last_save = time.monotonic()

@@ -103,7 +103,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_the_agreed_step_and_resumes_exa
     os.kill(rank_pid(psutil.Process(proc.pid), 1), signal.SIGTERM)  # one rank only, as a node's kubelet would
     rc, out = finish(proc)
 
-    assert "ssl3d: rank 1 got SIGTERM: stopping after this step" in out, out[-4000:]
+    assert "ssl3d: rank 1 got SIGTERM: stopping after step" in out, out[-4000:]
     stopped = re.findall(
         r"ssl3d: preempted by SIGTERM \((this|another) rank\): every rank stopped after step (\d+) of", out
     )
