@@ -63,7 +63,14 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun puts its workers in process groups of their own: kill the whole tree, or a hung worker keeps
+        # the output pipe open and the test waits forever instead of failing.
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError):
+            pass
         pytest.fail(f"no result after {TIMEOUT}s\n{proc.communicate()[0][-4000:]}")
     return proc.returncode, out
 
