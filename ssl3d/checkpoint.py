@@ -360,8 +360,21 @@ def to_swinvit_format(model_state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"state_dict": out}
 
 
-def export_swinvit(model_state: dict[str, torch.Tensor], path: Path) -> Path:
-    atomic_torch_save(to_swinvit_format(model_state), Path(path))
+def export_swinvit(
+    model_state: dict[str, torch.Tensor], path: Path, cfg: Config | None = None, steps: int | None = None
+) -> Path:
+    """Write ``model_swinvit.pt``; with the run's config also ``model_swinvit.json`` (``ssl3d.metadata``).
+
+    Without a config a metadata file left by an earlier export at the same path is removed: it would describe
+    other tensors."""
+    from ssl3d.metadata import build_metadata, metadata_path, write_metadata
+
+    blob = to_swinvit_format(model_state)
+    atomic_torch_save(blob, Path(path))
+    if cfg is not None:
+        write_metadata(Path(path), build_metadata(cfg, blob["state_dict"], steps))
+    else:
+        metadata_path(Path(path)).unlink(missing_ok=True)
     return Path(path)
 
 

@@ -303,9 +303,25 @@ def run_export(a: argparse.Namespace) -> int:
 
     src = resolve_resume(a.checkpoint, Path(a.checkpoint), checksums=True)  # the newest that verifies
     state = read_weights(src, allow_pickle=a.allow_pickle, verify=False)  # just verified
-    out = export_swinvit(state, Path(a.output))
-    print(f"ssl3d: wrote {out} ({sum(1 for k in state if k.startswith('swinViT.'))} encoder tensors)")
+    cfg, steps = _checkpoint_config(src)
+    out = export_swinvit(state, Path(a.output), cfg, steps)
+    meta = f" and {out.with_suffix('.json').name}" if cfg is not None else ""
+    print(f"ssl3d: wrote {out}{meta} ({sum(1 for k in state if k.startswith('swinViT.'))} encoder tensors)")
     return 0
+
+
+def _checkpoint_config(src: Path) -> tuple[Config | None, int | None]:
+    """The run config and step an ssl3d checkpoint folder recorded (None for plain weight files)."""
+    import json
+
+    from ssl3d.config import config_from_dict
+
+    if not (Path(src) / "extra_rank0.pt").is_file():
+        return None, None
+    from ssl3d.strategies.single import load_extra
+
+    extra = load_extra(Path(src), 0)
+    return config_from_dict(json.loads(extra.get("config", "{}"))), int(extra.get("step", 0))
 
 
 def run_data_check(a: argparse.Namespace) -> int:
@@ -442,6 +458,15 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pre-training (the demo data when no datalist is given)")
     add_run_flags(p)
     add_dry_run(p)
+    for name, text in [
+        ("finetune", "supervised segmentation with MONAI's SwinUNETR, initialised from a pre-trained encoder or not"),
+        ("probe", "frozen encoder + a small multi-scale head: the cheap test of a representation"),
+    ]:
+        f = sub.add_parser(name, help=text)
+        add_run_flags(f)
+        from ssl3d.downstream.run import add_downstream_flags
+
+        add_downstream_flags(f)
     e = sub.add_parser("export", help="write the encoder as model_swinvit.pt for MONAI's SwinUNETR.load_from")
     e.add_argument("checkpoint", help="a checkpoint folder or run folder (newest checkpoint), or a weight file")
     e.add_argument("output", help="output path, e.g. model_swinvit.pt")
@@ -515,9 +540,28 @@ def guarded(fn, *args: Any) -> int:
         return 130
 
 
+def run_finetune(a: argparse.Namespace) -> int:
+    from ssl3d.downstream.run import run_downstream
+
+    return run_downstream(a, "finetune")
+
+
+def run_probe(a: argparse.Namespace) -> int:
+    from ssl3d.downstream.run import run_downstream
+
+    return run_downstream(a, "probe")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = make_parser().parse_args(argv)
-    handlers = {"pretrain": run_pretrain, "export": run_export, "data": run_data, "memory": run_memory}
+    handlers = {
+        "pretrain": run_pretrain,
+        "finetune": run_finetune,
+        "probe": run_probe,
+        "export": run_export,
+        "data": run_data,
+        "memory": run_memory,
+    }
     return guarded(handlers[a.command], a)
 
 

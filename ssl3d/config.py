@@ -1,4 +1,4 @@
-"""One typed config tree for a pre-training run.
+"""One typed config tree for a run (pre-training, fine-tuning or probing).
 
 Loaded from JSON plus dotted command-line overrides (``--set train.lr=1e-4``), validated before anything
 heavy starts. Every problem is collected and reported at once, one line each, naming the dotted key, the
@@ -129,12 +129,34 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised segmentation with MONAI's SwinUNETR (``ssl3d finetune``) or a frozen-encoder probe (``ssl3d probe``).
+
+    The datalists' entries need a ``"label"``; ``data.roi`` and ``data.num_samples`` are the training crops (drawn by
+    ``RandCropByPosNegLabeld``), validation runs ``sliding_window_inference`` over whole volumes.
+    """
+
+    task: Literal["finetune", "probe"] = "finetune"
+    # model_swinvit.pt (its model_swinvit.json is read beside it), a run folder, a step folder, a reference
+    # checkpoint; null or "none": random initialisation.
+    init: str | None = None
+    num_classes: int = 0  # output channels incl. background; 0: the size of the datalist's "labels" map
+    labelled: float = 0  # N >= 1: the first N training cases in a seeded order; 0 < f < 1: that fraction; 0: all
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    pos_fraction: float = 0.5  # share of crops centred on a labelled voxel (RandCropByPosNegLabeld pos/(pos+neg))
+    sw_batch_size: int = 2  # windows per forward in sliding_window_inference
+    sw_overlap: float = 0.25
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ds_config: str | None = None  # strategy preset in DeepSpeed's JSON vocabulary; None: one process
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +273,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
 
 def _optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """A Config from a saved ``to_dict()`` (a checkpoint's record); keys unknown to this version are dropped."""
+    return _build(Config, tree, "", [])
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -426,4 +453,30 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f'train.resume: {t.resume} not found; expected a checkpoint file or folder, or "auto"')
     if cfg.ds_config and check_files and not Path(cfg.ds_config).is_file():
         p.append(f"ds_config: file {cfg.ds_config} not found")
+    p += _validate_finetune(cfg.finetune, check_files)
+    return p
+
+
+def _validate_finetune(f: FinetuneConfig, check_files: bool) -> list[str]:
+    p: list[str] = []
+    if f.init and f.init != "none" and check_files and not Path(f.init).exists():
+        p.append(f'finetune.init: {f.init} not found; expected model_swinvit.pt, a run or checkpoint folder, or "none"')
+    if f.num_classes < 0 or f.num_classes == 1:
+        p.append(
+            f"finetune.num_classes: got {f.num_classes}, expected 0 (from the datalist) or at least 2 (with background)"
+        )
+    if f.labelled < 0 or (f.labelled >= 1 and not float(f.labelled).is_integer()):
+        p.append(
+            f"finetune.labelled: got {f.labelled}, expected a whole number of cases, a fraction in (0, 1), or 0 (all)"
+        )
+    if f.dice_weight < 0 or f.ce_weight < 0 or f.dice_weight + f.ce_weight == 0:
+        p.append(
+            f"finetune.dice_weight/ce_weight: got {f.dice_weight}/{f.ce_weight}, expected non-negative, not both 0"
+        )
+    if not 0.0 <= f.pos_fraction <= 1.0:
+        p.append(f"finetune.pos_fraction: got {f.pos_fraction}, expected a fraction in [0, 1]")
+    if f.sw_batch_size < 1:
+        p.append(f"finetune.sw_batch_size: got {f.sw_batch_size}, expected at least 1")
+    if not 0.0 <= f.sw_overlap < 1.0:
+        p.append(f"finetune.sw_overlap: got {f.sw_overlap}, expected a fraction in [0, 1)")
     return p

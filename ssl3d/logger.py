@@ -12,6 +12,22 @@ from PIL import Image
 FOREGROUND = 0.1
 PANEL_PX = 256  # small ROIs are hard to see at one pixel per voxel: panels are zoomed to about this height
 
+# Label colours (index 0, background, is never drawn): red, green, blue, yellow, magenta, cyan, orange, purple.
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [0, 130, 200],
+        [255, 225, 25],
+        [240, 50, 230],
+        [70, 240, 240],
+        [245, 130, 48],
+        [145, 30, 180],
+    ],
+    dtype=np.uint8,
+)
+
 
 def foreground_fraction(volume: torch.Tensor) -> float:
     """Share of a [C, H, W, D] crop that is content rather than air: picks the crop worth looking at."""
@@ -86,6 +102,32 @@ class RunLogger:
         path = self.logdir / "images" / f"{tag.lower()}_step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
+        return path
+
+    def overlay(
+        self, tag: str, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, num_classes: int, step: int
+    ) -> Path | None:
+        """Image / label / prediction ([1, H, W, D] each) on the axial slice with the most labelled voxels."""
+        if self.writer is None:
+            return None
+        z = int((label[0] > 0).sum(dim=(0, 1)).argmax())
+        gray = (image[0, :, :, z].detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.float32)
+        base = np.repeat(gray[..., None], 3, axis=2)
+        panels = [base]
+        for seg in (label, pred):
+            s = seg[0, :, :, z].detach().long().cpu().numpy()
+            colour = PALETTE[s % len(PALETTE)].astype(np.float32)
+            mixed = np.where((s > 0)[..., None], 0.45 * base + 0.55 * colour, base)
+            panels.append(mixed)
+        for name, panel in zip(("image", "label", "prediction"), panels):
+            self.writer.add_image(f"{tag}/{name}", panel.astype(np.uint8), step, dataformats="HWC")
+        # Each panel turned so that anterior is up, as axial slices are shown.
+        pad = [np.pad(np.rot90(p), ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels]
+        strip = np.ascontiguousarray(np.concatenate(pad, axis=1).astype(np.uint8))
+        zoom = max(1, 192 // strip.shape[0])
+        path = self.logdir / "images" / f"{tag.lower()}_overlay_step_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(strip).resize((strip.shape[1] * zoom, strip.shape[0] * zoom), Image.NEAREST).save(path)
         return path
 
     def flush(self) -> None:

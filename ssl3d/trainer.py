@@ -535,7 +535,7 @@ class Trainer:
         bad = _merge_counts(self.bad_volumes)
         summary: dict[str, Any] = {}
         if self.strategy.is_main:
-            export_path = export_swinvit(weights, self.logdir / "model_swinvit.pt")
+            export_path = export_swinvit(weights, self.logdir / "model_swinvit.pt", self.cfg, self.state.step)
             hist = self.state.history
             summary = {
                 "steps": self.state.step,

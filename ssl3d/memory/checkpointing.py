@@ -403,11 +403,17 @@ def _stages(model: nn.Module) -> list[nn.Module | None]:
     return [getattr(enc, f"layers{i + 1}")[0] if hasattr(enc, f"layers{i + 1}") else None for i in range(NUM_STAGES)]
 
 
+# SwinUNETR's convolutional path (fine-tuning): encoder1-4 and encoder10 (UnetrBasicBlock), decoder1-5 (UnetrUpBlock).
+SEGMENTATION_DECODER = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10") + tuple(
+    f"decoder{i}" for i in range(5, 0, -1)
+)
+
+
 def _check_bare(model: nn.Module) -> None:
-    if not hasattr(model, "swinViT") or not hasattr(model, "conv"):
+    if not hasattr(model, "swinViT"):
         raise TypeError(
-            f"apply_activation_checkpointing: expected the bare SSL model (attributes swinViT and conv), got "
-            f"{type(model).__name__}; apply it before DDP/FSDP/DeepSpeed/torch.compile wrap the model"
+            f"apply_activation_checkpointing: expected a bare model with the encoder at swinViT (SSL model, "
+            f"SwinUNETR, probe), got {type(model).__name__}; apply it before DDP/FSDP/DeepSpeed/torch.compile wrap it"
         )
 
 
@@ -429,7 +435,8 @@ def remove_activation_checkpointing(model: nn.Module) -> None:
 def apply_activation_checkpointing(
     model: nn.Module, policy: CheckpointPolicy | dict[str, Any] | str | None, *, warn: bool = True
 ) -> None:
-    """Apply ``policy`` to the Swin blocks and the reconstruction decoder of a bare ``SSLModel``, in place.
+    """Apply ``policy`` to the Swin blocks and the decoder (the SSL model's reconstruction decoder, SwinUNETR's
+    convolutional blocks) of a bare model, in place.
 
     Re-applying replaces the previous policy; ``"none"`` removes it. Parameter names do not change.
     """
@@ -463,7 +470,14 @@ def apply_activation_checkpointing(
         if policy.merging and isinstance(down, nn.Module):
             down.__class__ = _checkpointed_class(type(down))
             down._ssl3d_plan = plan
-    if policy.decoder:
+    if policy.decoder and not hasattr(model, "conv"):
+        # SwinUNETR: each block of its convolutional encoder/decoder path recomputes in backward as one unit.
+        for name in SEGMENTATION_DECODER:
+            block = getattr(model, name, None)
+            if isinstance(block, nn.Module):
+                block.__class__ = _checkpointed_class(type(block))
+                block._ssl3d_plan = plan
+    elif policy.decoder:
         decoder = model.conv
         if type(decoder) in (nn.Sequential, CheckpointedSequential):
             decoder.__class__ = CheckpointedSequential

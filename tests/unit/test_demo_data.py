@@ -10,7 +10,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ssl3d.data.demo import HU_AIR, HU_CORTICAL, HU_LUNG, write_demo_dataset
+from ssl3d.data.demo import (
+    HU_AIR,
+    HU_CORTICAL,
+    HU_KIDNEY,
+    HU_LIVER,
+    HU_LUNG,
+    KIDNEYS,
+    LABELS,
+    LIVER,
+    LUNGS,
+    SPINE,
+    write_demo_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +46,7 @@ def test_datalist_in_the_reference_format(demo: tuple[Path, float]) -> None:
     doc = json.loads(datalist.read_text())
     assert len(doc["training"]) == 5 and len(doc["validation"]) == 1
     for e in doc["training"] + doc["validation"]:
-        assert set(e) == {"image"} and not Path(e["image"]).is_absolute() and e["image"].endswith(".nii.gz")
+        assert set(e) == {"image", "label"} and not Path(e["image"]).is_absolute() and e["image"].endswith(".nii.gz")
         assert (datalist.parent / e["image"]).is_file()
     assert seconds < 4.0, f"demo data took {seconds:.2f} s (target < 2 s)"
 
@@ -87,3 +99,21 @@ def test_idempotent_and_regenerates_what_is_missing(tmp_path: Path) -> None:
 def test_needs_a_validation_volume(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 2"):
         write_demo_dataset(tmp_path, n_volumes=1)
+
+
+def test_label_maps_mark_the_organs_where_their_tissue_is(demo: tuple[Path, float]) -> None:
+    """Each label sits on its organ's Hounsfield range, on the image's grid and orientation (the LPS one too)."""
+    doc = json.loads(demo[0].read_text())
+    assert doc["labels"] == LABELS
+    for e in doc["training"] + doc["validation"]:
+        img, lab = nib.load(demo[0].parent / e["image"]), nib.load(demo[0].parent / e["label"])
+        assert lab.shape == img.shape and np.array_equal(lab.affine, img.affine)
+        hu = np.asarray(img.dataobj).astype(np.float32)
+        seg = np.asarray(lab.dataobj)
+        assert set(np.unique(seg).tolist()) == {0, LIVER, KIDNEYS, LUNGS, SPINE}
+        # Medians in each organ: noise of 10-20 HU around the designed values.
+        assert abs(np.median(hu[seg == LUNGS]) - HU_LUNG) < 60
+        assert abs(np.median(hu[seg == LIVER]) - HU_LIVER) < 30
+        assert abs(np.median(hu[seg == KIDNEYS]) - HU_KIDNEY) < 30
+        assert np.median(hu[seg == SPINE]) > 300  # cancellous and cortical bone
+        assert np.median(hu[seg == 0]) < -50 or (seg == 0).mean() > 0.5  # mostly air, fat and muscle

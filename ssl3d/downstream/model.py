@@ -1,0 +1,189 @@
+"""The downstream networks and their initialisation from any weights ssl3d reads.
+
+Fine-tuning uses MONAI's own ``SwinUNETR`` (the network users fine-tune); the probe is the same ``SwinTransformer``
+frozen, with one 1x1x1 convolution per stage output, upsampled to the input and summed. Both keep the encoder at
+``swinViT``, so one loader serves both: every source (``model_swinvit.pt``, a run or step folder of any backend, the
+reference's checkpoints) goes to the released format and through ``SwinUNETR.load_from``; before that, the names,
+shapes and (when ``model_swinvit.json`` is there) the fingerprints are checked, and after it every encoder tensor is
+compared with its source bit for bit, so weights that "load" but land nowhere or permuted fail loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import SwinUNETR
+from torch import nn
+
+from ssl3d.checkpoint import read_weights, resolve_resume, to_swinvit_format
+from ssl3d.config import ConfigError, ModelConfig
+from ssl3d.metadata import ARCH_KEYS, read_metadata, verify_tensors
+from ssl3d.model.encoder import LegacyPatchMerging, build_encoder
+
+
+def build_segmentation_model(m: ModelConfig, num_classes: int) -> SwinUNETR:
+    return SwinUNETR(
+        in_channels=m.in_channels,
+        out_channels=num_classes,
+        patch_size=m.patch_size,
+        depths=tuple(m.depths),
+        num_heads=tuple(m.num_heads),
+        window_size=m.window_size,
+        feature_size=m.feature_size,
+        dropout_path_rate=m.drop_path_rate,
+        use_checkpoint=False,  # checkpointing is applied from outside (ssl3d.memory), as in pre-training
+        spatial_dims=3,
+        downsample=LegacyPatchMerging if m.legacy_patch_merging else "merging",
+    )
+
+
+class ProbeModel(nn.Module):
+    """Frozen encoder + a linear read-out of every stage: what the representation holds, without fine-tuning it."""
+
+    def __init__(self, m: ModelConfig, num_classes: int):
+        super().__init__()
+        self.swinViT = build_encoder(dataclasses.replace(m, use_checkpoint=False))
+        self.swinViT.requires_grad_(False)
+        widths = [m.feature_size * 2**i for i in range(5)]  # patch embedding + four stages
+        self.heads = nn.ModuleList(nn.Conv3d(w, num_classes, kernel_size=1) for w in widths)
+
+    def train(self, mode: bool = True) -> ProbeModel:
+        super().train(mode)
+        self.swinViT.eval()  # frozen: no drop-path noise either
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.swinViT(x.contiguous(), normalize=True)  # 5 maps, [N, F * 2^i, roi / 2^(i+1)]
+        out = None
+        for f, head in zip(feats, self.heads):
+            y = F.interpolate(head(f), size=x.shape[2:], mode="trilinear", align_corners=False)
+            out = y if out is None else out + y
+        return out  # [N, classes, *roi] logits
+
+    load_from = SwinUNETR.load_from  # reads self.swinViT only
+
+
+def build_downstream_model(task: str, m: ModelConfig, num_classes: int) -> nn.Module:
+    return ProbeModel(m, num_classes) if task == "probe" else build_segmentation_model(m, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+@dataclasses.dataclass
+class InitSource:
+    path: Path  # the file or checkpoint folder read
+    encoder: dict[str, torch.Tensor]  # SwinTransformer state-dict names (as model.swinViT.state_dict())
+    metadata: dict[str, Any] | None  # model_swinvit.json, when there is one
+
+
+def resolve_init(init: str) -> Path:
+    """A file as is; a run folder: its ``model_swinvit.pt`` (else its newest checkpoint); a step folder itself."""
+    p = Path(init)
+    if p.is_dir():
+        if (p / "model_swinvit.pt").is_file():
+            return p / "model_swinvit.pt"
+        found = resolve_resume(str(p), p)
+        assert found is not None
+        return found
+    if not p.is_file():
+        raise ConfigError(f"finetune.init: {init} not found")
+    return p
+
+
+def read_init(init: str) -> InitSource:
+    path = resolve_init(init)
+    meta = read_metadata(path) if path.is_file() else None
+    if meta is not None:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        verify_tensors(path, meta, raw.get("state_dict", {}))
+    state = read_weights(path)
+    encoder = {k[len("swinViT.") :]: v for k, v in state.items() if k.startswith("swinViT.")}
+    if not encoder:
+        raise ConfigError(f"{path}: no encoder tensors (swinViT / patch_embed / layers1-4) found")
+    return InitSource(path, encoder, meta)
+
+
+def infer_architecture(encoder: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Feature size, depths, heads and input channels that the tensors themselves show (for files without JSON)."""
+    out: dict[str, Any] = {}
+    pe = encoder.get("patch_embed.proj.weight")
+    if pe is not None:
+        out["feature_size"], out["in_channels"], out["patch_size"] = (
+            int(pe.shape[0]),
+            int(pe.shape[1]),
+            int(pe.shape[2]),
+        )
+    depths, heads = [], []
+    for i in range(1, 5):
+        blocks = {int(m.group(1)) for k in encoder if (m := re.match(rf"layers{i}\.0\.blocks\.(\d+)\.", k))}
+        depths.append(max(blocks) + 1 if blocks else 0)
+        table = encoder.get(f"layers{i}.0.blocks.0.attn.relative_position_bias_table")
+        heads.append(int(table.shape[1]) if table is not None else 0)
+    if all(depths):
+        out["depths"] = depths
+    if all(heads):
+        out["num_heads"] = heads
+    return out
+
+
+def reconcile_model_config(m: ModelConfig, source: InitSource, explicit: set[str]) -> tuple[ModelConfig, list[str]]:
+    """The model config the export needs: its metadata (or what its tensors show) fills what the user left unset;
+    a value the user set that contradicts it is an error naming the file. Returns the config and notes."""
+    known = dict(source.metadata["model"]) if source.metadata else infer_architecture(source.encoder)
+    where = f"{source.path.name} metadata" if source.metadata else f"the tensors of {source.path.name}"
+    problems, changes, notes = [], {}, []
+    for key in ARCH_KEYS:
+        if key not in known:
+            continue
+        want = tuple(known[key]) if isinstance(known[key], list) else known[key]
+        have = getattr(m, key)
+        if have == want:
+            continue
+        if f"model.{key}" in explicit:
+            problems.append(
+                f"finetune.init: {source.path}: {key} {_show(want)} ({where}) but model.{key} is {_show(have)}; "
+                f"drop model.{key} to take it from the export, or choose an export with {key} {_show(have)}"
+            )
+        else:
+            changes[key] = want
+            notes.append(f"model.{key} = {_show(want)} from {where}")
+    if problems:
+        raise ConfigError(problems)
+    return dataclasses.replace(m, **changes), notes
+
+
+def _show(v: Any) -> str:
+    return str(list(v)) if isinstance(v, tuple | list) else str(v)
+
+
+def load_encoder(model: nn.Module, source: InitSource) -> int:
+    """Copy the source's encoder into ``model.swinViT`` through ``SwinUNETR.load_from``; returns tensors checked.
+
+    Raises ConfigError for names or shapes that do not fit, RuntimeError if ``load_from`` left any tensor unequal."""
+    own = model.swinViT.state_dict()
+    problems = []
+    for name, t in own.items():
+        if name not in source.encoder:
+            problems.append(f"{name} missing (renamed, or another depth?)")
+        elif source.encoder[name].shape != t.shape:
+            problems.append(f"{name} has shape {list(source.encoder[name].shape)}, this model's is {list(t.shape)}")
+    unused = sorted(set(source.encoder) - set(own))
+    if unused:
+        problems.append(f"{unused[0]} has no place in this model ({len(unused)} such tensors; another depth?)")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"finetune.init: {source.path}: {problems[0]}{more}")
+    model.load_from(to_swinvit_format({f"swinViT.{k}": v for k, v in source.encoder.items()}))
+    loaded = model.swinViT.state_dict()
+    for name, t in source.encoder.items():
+        if not torch.equal(loaded[name].cpu(), t.to(loaded[name].dtype)):
+            raise RuntimeError(f"{source.path}: {name} differs from its source after SwinUNETR.load_from")
+    return len(source.encoder)
