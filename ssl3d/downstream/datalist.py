@@ -113,7 +113,8 @@ def check_pairs(entries: list[dict[str, str]], num_classes: int) -> None:
     import nibabel as nib
 
     problems: list[str] = []
-    for e in entries:
+    unique = {(e["image"], e["label"]): e for e in entries}  # a case listed twice is reported once
+    for e in unique.values():
         if len(problems) >= MAX_REPORTED:
             break
         missing = [e[k] for k in ("image", "label") if not os.path.isfile(e[k])]
