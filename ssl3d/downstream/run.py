@@ -128,12 +128,14 @@ def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[st
 def run_downstream(a: argparse.Namespace, task: str) -> int:
     from ssl3d.cli import build_config
 
-    defaults = dict(DEMO_GPU if _cuda() else DEMO_CPU)
-    defaults["train.logdir"] = f"runs/{task}"
+    from ssl3d.cli import is_demo
+
+    # As for pre-training: the CPU/GPU demo preset only for the demo (no config, no datalist).
+    defaults = dict(DEMO_GPU if _cuda() else DEMO_CPU) if is_demo(a) else {}
     user_overrides = list(a.overrides)
     explicit = (_flatten(read_json(a.config)) if a.config else set()) | _override_keys(user_overrides)
-    if a.config:
-        defaults = {}
+    if "train.logdir" not in explicit:
+        defaults["train.logdir"] = f"runs/{task}"
     a.overrides = [f"{k}={json.dumps(v)}" for k, v in defaults.items()] + [f'finetune.task="{task}"'] + user_overrides
     inits = a.init or [None]
     labelled = a.labelled or [None]
