@@ -126,9 +126,7 @@ def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[st
 
 
 def run_downstream(a: argparse.Namespace, task: str) -> int:
-    from ssl3d.cli import build_config
-
-    from ssl3d.cli import is_demo
+    from ssl3d.cli import build_config, is_demo
 
     # As for pre-training: the CPU/GPU demo preset only for the demo (no config, no datalist).
     defaults = dict(DEMO_GPU if _cuda() else DEMO_CPU) if is_demo(a) else {}
