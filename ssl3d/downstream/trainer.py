@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from tqdm import tqdm
 
@@ -28,6 +27,7 @@ from ssl3d.config import Config
 from ssl3d.downstream.data import build_labelled_loaders
 from ssl3d.downstream.datalist import LabelledData
 from ssl3d.downstream.model import InitSource, build_downstream_model, load_encoder
+from ssl3d.downstream.task import SegmentationTask
 from ssl3d.errors import TrainingStopped
 from ssl3d.logger import RunLogger
 from ssl3d.memory import apply_activation_checkpointing
@@ -66,7 +66,7 @@ class SegmentationTrainer:
             apply_activation_checkpointing(model, policy)
         self.model, self.optimizer = strategy.setup(model, lambda params: build_optimizer(cfg.optim, params))
         f = cfg.finetune
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=f.dice_weight, lambda_ce=f.ce_weight)
+        self.task = SegmentationTask(f.dice_weight, f.ce_weight, device=self.device)
         self.state = FinetuneState()
         self.checkpoints = CheckpointManager(self.logdir / "checkpoints", strategy, keep=cfg.train.keep_checkpoints)
         resume = resolve_resume(cfg.train.resume, self.logdir / "checkpoints")
@@ -85,13 +85,8 @@ class SegmentationTrainer:
         total = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
-            x, y = batch["image"].to(self.device), batch["label"].to(self.device)  # [N, 1, *roi] each
-            with self.strategy.accumulate(sync):
-                with self.strategy.autocast():
-                    logits = self.model(x)
-                loss = self.loss_fn(logits.float(), y)
-                self.strategy.backward(loss, sync=sync)
-            total += float(loss.detach()) / len(micro)
+            losses = self.task.forward_backward(self.model, batch, _SyncBackend(self.strategy, sync), sync=sync)
+            total += float(losses["total"]) / len(micro)
         norm = float(self.strategy.step(self.cfg.train.grad_clip))
         return total, norm
 
@@ -240,3 +235,19 @@ class SegmentationTrainer:
         self.log.close()
         strategy.barrier()
         return summary
+
+
+class _SyncBackend:
+    """The strategy as the task's backend for one micro-batch (its ``backward`` takes the micro-batch's ``sync``)."""
+
+    def __init__(self, strategy: Strategy, sync: bool):
+        self.strategy, self.sync = strategy, sync
+
+    def autocast(self):
+        return self.strategy.autocast()
+
+    def accumulate(self, sync: bool):
+        return self.strategy.accumulate(sync)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.strategy.backward(loss, sync=self.sync)

@@ -130,10 +130,11 @@ def test_finetune_from_an_export_logs_dice_and_overlays_and_resumes_exactly(demo
     assert "resumed from" in capsys.readouterr().out
     a = torch.load(whole / "model_final.pt", weights_only=True)["state_dict"]
     b = torch.load(split / "model_final.pt", weights_only=True)["state_dict"]
-    # The same losses; weights equal up to CPU convolution backward's summation order (seen: 3e-7).
+    # The same losses; weights equal up to the summation order of multi-threaded CPU kernels in a fresh process
+    # (seen: up to ~3e-6 after 4 Adam steps at lr 1e-3; a lost optimizer state or data position moves them ~1e-3).
     assert tags(split)["train/loss"] == pytest.approx(logged["train/loss"], rel=1e-6)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
 
 
 def test_comparison_over_inits_and_seeds_writes_one_table(demo, tmp_path, capsys) -> None:

@@ -1,0 +1,77 @@
+"""Does pre-training help? Pre-train with the CPU demo preset, then probe and fine-tune on the demo's label maps with
+few labelled volumes, from the pre-trained encoder and from random initialisation, over several seeds.
+
+Every number comes from the real commands (``ssl3d pretrain``, ``ssl3d probe``, ``ssl3d finetune``) run as
+subprocesses; the tables are their ``comparison.json``. The downstream runs are sized for a 2-core CPU (tiny model,
+32x64x64 crops, tens of steps, one validation at the end), so the figures say what this budget shows, nothing more.
+
+    python bench/downstream.py --work /tmp/ssl3d_downstream          # ~20 min on 2 idle cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DOWNSTREAM = {
+    "data.roi": [32, 64, 64],
+    "data.num_samples": 2,
+    "train.progress": False,
+    "optim.warmup_steps": 3,
+}
+TASKS = {
+    "probe": {"train.num_steps": 40, "train.eval_num": 40, "optim.lr": 3e-3},
+    "finetune": {"train.num_steps": 30, "train.eval_num": 30, "optim.lr": 1e-3},
+}
+
+
+def run(cmd: list[str]) -> tuple[float, str]:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return time.perf_counter() - t, proc.stdout
+
+
+def sets(values: dict) -> list[str]:
+    return [f"--set={k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/ssl3d_downstream"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--labelled", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--pretrain-steps", type=int, default=None, help="default: the CPU demo preset's")
+    a = p.parse_args()
+    ssl3d = [sys.executable, "-m", "ssl3d.cli"]
+    out: dict = {"seeds": a.seeds, "labelled": a.labelled, "downstream": DOWNSTREAM, "tasks": {}}
+
+    pre = a.work / "pretrain"
+    extra = sets({"train.num_steps": a.pretrain_steps}) if a.pretrain_steps else []
+    if not (pre / "model_swinvit.pt").is_file():
+        seconds, stdout = run([*ssl3d, "pretrain", *sets({"train.logdir": str(pre), "train.progress": False}), *extra])
+        out["pretrain"] = {"seconds": round(seconds, 1), "output": stdout.strip().splitlines()[-1]}
+        print(stdout.strip().splitlines()[-1], flush=True)
+    out["pretrain_summary"] = json.loads((pre / "summary.json").read_text())
+
+    for task in a.tasks:
+        logdir = a.work / task
+        cmd = [*ssl3d, task, "--init", str(pre), "--init", "none", "--seeds", a.seeds]
+        cmd += [x for n in a.labelled for x in ("--labelled", str(n))]
+        cmd += sets({**DOWNSTREAM, **TASKS[task], "train.logdir": str(logdir)})
+        seconds, stdout = run(cmd)
+        doc = json.loads((logdir / "comparison.json").read_text())
+        out["tasks"][task] = {"seconds": round(seconds, 1), "settings": TASKS[task], **doc}
+        print((logdir / "comparison.md").read_text(), flush=True)
+    (a.work / "downstream.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"results: {a.work / 'downstream.json'}")
+
+
+if __name__ == "__main__":
+    main()
