@@ -3,9 +3,11 @@ few labelled volumes, from the pre-trained encoder and from random initialisatio
 
 Every number comes from the real commands (``ssl3d pretrain``, ``ssl3d probe``, ``ssl3d finetune``) run as
 subprocesses; the tables are their ``comparison.json``. The downstream runs are sized for a 2-core CPU (tiny model,
-32x64x64 crops, tens of steps, one validation at the end), so the figures say what this budget shows, nothing more.
+one 32x64x64 crop a step, 20 probe / 12 fine-tuning steps, one validation at the end), so the figures say what
+this budget shows, nothing more.
 
-    python bench/downstream.py --work /tmp/ssl3d_downstream          # ~20 min on 2 idle cores
+    python bench/downstream.py --work /tmp/ssl3d_downstream          # ~20-25 min on 2 idle cores
+    python bench/downstream.py --tasks probe & python bench/downstream.py --tasks finetune   # once pre-trained
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from pathlib import Path
 
 DOWNSTREAM = {
     "data.roi": [32, 64, 64],
-    "data.num_samples": 2,
+    "data.num_samples": 1,
     "train.progress": False,
-    "optim.warmup_steps": 3,
+    "optim.warmup_steps": 2,
+    "finetune.sw_overlap": 0.0,  # validation windows tile the volume once
 }
 TASKS = {
-    "probe": {"train.num_steps": 40, "train.eval_num": 40, "optim.lr": 3e-3},
-    "finetune": {"train.num_steps": 30, "train.eval_num": 30, "optim.lr": 1e-3},
+    "probe": {"train.num_steps": 20, "train.eval_num": 20, "optim.lr": 1e-2},
+    "finetune": {"train.num_steps": 12, "train.eval_num": 12, "optim.lr": 2e-3},
 }
 
 
@@ -69,8 +72,9 @@ def main() -> None:
         doc = json.loads((logdir / "comparison.json").read_text())
         out["tasks"][task] = {"seconds": round(seconds, 1), "settings": TASKS[task], **doc}
         print((logdir / "comparison.md").read_text(), flush=True)
-    (a.work / "downstream.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"results: {a.work / 'downstream.json'}")
+    path = a.work / f"downstream_{'_'.join(a.tasks)}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

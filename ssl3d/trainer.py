@@ -33,6 +33,7 @@ from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer, lr_at
 from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
 from ssl3d.ssl.grad_cache import grad_cached_backward
+from ssl3d.ssl.monitors import collapse_monitors
 from ssl3d.strategies import Strategy, read_checkpoint_weights
 from ssl3d.strategies.single import load_extra
 
@@ -266,6 +267,8 @@ class Trainer:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.cfg.train.seed + 7919 * (self.strategy.rank + 1))
         totals = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=self.device)
+        masked = torch.zeros(2, dtype=torch.float64, device=self.device)  # L1 sum and count on corrupted voxels
+        embeddings: list[torch.Tensor] = []  # collapse monitors (this rank's validation crops)
         first, best_content = None, 0.0
         for i, batch in enumerate(self.val_loader):
             if self.cfg.train.max_val_batches is not None and i >= self.cfg.train.max_val_batches:
@@ -290,6 +293,10 @@ class Trainer:
                 )
                 row = [float(losses[k]) * n for k in LOSS_KEYS] + [n]
                 totals += torch.tensor(row, device=self.device, dtype=torch.float64)
+                changed = views.corrupted[keep] != views.views[keep]
+                err = (out.reconstruction[keep].float() - views.views[keep].float()).abs()
+                masked += torch.stack([(err * changed).sum(), changed.sum()]).to(torch.float64)
+                embeddings.append(out.contrastive[keep].float())
                 # The image shows the crop with the most content (the first one is often air at a body's edge).
                 for j in valid.nonzero().flatten().tolist():
                     content = foreground_fraction(views.views[j])
@@ -297,9 +304,12 @@ class Trainer:
                         best_content = content
                         first = (views.views[j].cpu(), views.corrupted[j].cpu(), out.reconstruction[j].float().cpu())
         self.strategy.all_reduce_sum(totals)
+        self.strategy.all_reduce_sum(masked)
         self.model.train()
         count = max(float(totals[-1]), 1.0)
         result = {k: float(totals[i]) / count for i, k in enumerate(LOSS_KEYS)}
+        self.monitors = collapse_monitors(embeddings, masked)
+        self.log.scalars(self.monitors, self.state.step)
         if first is not None:
             self.log.images("Validation", *first, step=self.state.step)
         return result
@@ -547,6 +557,7 @@ class Trainer:
                 "bad_volumes": bad,
                 "export": str(export_path),
                 "memory": self.strategy.memory_report(),
+                "collapse_monitors": getattr(self, "monitors", {}),
             }
             (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log.close()

@@ -53,8 +53,14 @@ def test_demo_run_writes_logs_images_checkpoints_and_export(tmp_path):
         "perf/step_time_s",
         "perf/volumes_per_s",
         "Validation/loss_reconstruction",
+        "Validation/loss_reconstruction_masked",
+        "Validation/collapse_embedding_std",
+        "Validation/collapse_effective_rank",
     ]:
         assert tag in tags["scalars"], tag
+    # The masked-region L1 is the inpainting error, above the whole-crop mean that unmasked voxels dilute.
+    whole, masked = (scalars(logdir, f"Validation/loss_{k}") for k in ("reconstruction", "reconstruction_masked"))
+    assert all(masked[s] > whole[s] for s in whole)
     assert {"Validation/ground_truth", "Validation/corrupted", "Validation/reconstruction"} <= set(tags["images"])
     assert len(list((logdir / "images").glob("validation_step_*.png"))) == 2
     ckpts = logdir / "checkpoints"
@@ -63,6 +69,11 @@ def test_demo_run_writes_logs_images_checkpoints_and_export(tmp_path):
     exported = torch.load(summary["export"], weights_only=True)["state_dict"]
     assert "module.layers1.0.blocks.0.mlp.fc1.weight" in exported
     assert json.loads((logdir / "summary.json").read_text())["steps"] == 4
+    # model_swinvit.json beside it: what fine-tuning must repeat, and each tensor's fingerprint.
+    meta = json.loads(Path(summary["export"]).with_suffix(".json").read_text())
+    assert meta["model"]["feature_size"] == 12 and meta["steps"] == 4 and meta["roi"] == list(TINY["data.roi"])
+    assert meta["preprocessing"]["a_min"] == -1000.0 and meta["datalists"][0]["training"] >= 1
+    assert set(meta["tensors"]) == set(exported)
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, capsys):
