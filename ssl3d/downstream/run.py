@@ -160,6 +160,8 @@ def _compare(base: Config, explicit: set[str], combos: list[tuple], fit_memory: 
     from ssl3d.downstream.model import read_init, reconcile_model_config
 
     root = Path(base.train.logdir)
+    # Sub-runs sit two levels down; their demo data stay where a single run (and pre-training's demo) puts them.
+    base.data.demo_dir = base.data.demo_dir or str(root.parent / "demo_data")
     first = next((i for i, _, _ in combos if i and i != "none"), None)
     if first:
         base.model, _ = reconcile_model_config(base.model, read_init(first), explicit)
