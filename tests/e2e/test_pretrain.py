@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -165,3 +166,63 @@ def test_resume_with_another_batch_size_continues_the_epoch(tmp_path, capsys):
     summary = run(logdir, **common, **{"train.num_steps": 3, "train.batch_size": 2, "train.resume": "auto"})
     assert summary["steps"] == 3
     assert "data position: batch 2 of 1 volumes x 1 ranks -> batch 1 of 2 x 1" in capsys.readouterr().out
+
+
+def _record_training_forwards(monkeypatch) -> list[int]:
+    """Batch sizes of the model's forward calls in training mode (validation runs in eval mode)."""
+    sizes: list[int] = []
+    fit = Trainer.fit
+
+    def recording_fit(self):
+        self.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]) if m.training else None)
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    return sizes
+
+
+def test_trainer_gradient_caching_matches_one_pass(tmp_path, monkeypatch):
+    """The Trainer's own gradient-caching path (ssl.grad_cache_chunk): one view per chunk, so each step runs 2
+    no-grad and 2 grad forwards of one view where the one-pass step runs one forward of both views, with the same
+    losses and weights (float summation order aside)."""
+    common = {"train.num_steps": 2, "train.eval_num": 2}
+    sizes = _record_training_forwards(monkeypatch)
+    run(tmp_path / "one_pass", **common)
+    assert sizes == [2, 2]
+    sizes.clear()
+    run(tmp_path / "cached", **common, **{"ssl.grad_cache_chunk": 1})
+    assert sizes == [1] * 8
+    a, b = scalars(tmp_path / "one_pass", "train/loss_total"), scalars(tmp_path / "cached", "train/loss_total")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    # The same gradients: step 1's norm to float summation order; step 2's after weights that Adam moved by up to
+    # ~1e-4 where a gradient is pure rounding noise (its eps 1e-8 turns that into O(lr) steps).
+    na, nb = scalars(tmp_path / "one_pass", "train/grad_norm"), scalars(tmp_path / "cached", "train/grad_norm")
+    assert nb[1] == pytest.approx(na[1], rel=1e-6) and nb[2] == pytest.approx(na[2], rel=1e-4), (na, nb)
+    wa = torch.load(tmp_path / "one_pass" / "model_swinvit.pt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "cached" / "model_swinvit.pt", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    print(f"gradient caching vs one pass after 2 steps: max |weight difference| {worst:.2e} (lr 1e-3)")
+    assert worst < 3e-4
+
+
+def test_old_checkpoints_are_pruned_and_last_points_at_the_newest(tmp_path):
+    """train.keep_checkpoints step folders are kept (older ones deleted as new ones complete), plus best/;
+    checkpoints/last is a relative link to the newest, and --resume auto picks that one."""
+    from ssl3d.checkpoint import resolve_resume
+
+    logdir = tmp_path / "run"
+    run(logdir, **{"train.num_steps": 3, "train.eval_num": 1, "train.keep_checkpoints": 2})
+    ckpts = logdir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == [
+        "best",
+        "last",
+        "step_00000002",
+        "step_00000003",
+    ]
+    assert not list(ckpts.glob(".*"))  # no temporary folder or link left behind
+    assert (ckpts / "last").is_symlink() and os.readlink(ckpts / "last") == "step_00000003"
+    assert (ckpts / "last" / "COMPLETE").is_file()
+    assert resolve_resume("auto", ckpts) == ckpts / "step_00000003"
