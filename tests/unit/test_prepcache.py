@@ -172,3 +172,40 @@ def test_two_concurrent_builders_make_one_valid_cache(demo: Path, tmp_path: Path
 def test_cache_root_defaults_under_the_run(tmp_path: Path) -> None:
     cfg = load_config(overrides={"train.logdir": str(tmp_path / "run")})
     assert prepcache_root(cfg) == tmp_path / "run" / "cache"
+
+
+def test_data_cache_command_fills_the_cache_training_reads(demo: Path, tmp_path: Path, capsys) -> None:
+    """``ssl3d data cache``: each rank (here 2 of them, as separate commands) builds its share of the volumes; a
+    later run finds every entry present; the training dataset with the same config reads those files (writing
+    nothing) and gives the cached arrays."""
+    from ssl3d.cli import main
+
+    args = ["data", "cache", f"--datalist={demo}", "--workers=1", "--set=data.dataset=prepcache"]
+    args += [f"--set=data.cache_dir={tmp_path / 'cache'}", f"--set=data.roi={json.dumps(list(ROI))}"]
+    args += [f"--set=train.logdir={tmp_path / 'run'}"]
+
+    def cache(*extra: str) -> dict[str, str]:
+        assert main([*args, *extra]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith("ssl3d: "), line
+        return dict(part.split(": ", 1) for part in line.removeprefix("ssl3d: ").split(", "))
+
+    first = cache("--rank=0", "--world-size=2")
+    assert (first["volumes"], first["written"], first["present"]) == ("3", "3", "0")
+    folder = Path(first["folder"])
+    assert len(list(folder.glob("*.npy"))) == 3
+    second = cache("--rank=1", "--world-size=2")
+    assert (second["volumes"], second["written"], second["present"]) == ("3", "3", "0")
+    assert second["folder"] == first["folder"]
+    entries = {p: p.stat().st_mtime_ns for p in folder.glob("*.npy")}
+    assert len(entries) == 6
+    again = cache()
+    assert (again["volumes"], again["written"], again["present"]) == ("6", "0", "6")
+
+    cfg = _cfg(demo, tmp_path, **{"data.dataset": "prepcache"})
+    ds = build_datasets(cfg)
+    assert isinstance(ds.train.base, PrepCacheDataset) and ds.train.base.cache.folder == folder
+    item = ds.train.base[0]["image"]
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("*.npy")} == entries  # read, not rebuilt
+    cached = [np.asarray(ds.train.base.cache.open(image)) for image in _images(demo)]
+    assert any(c.shape == tuple(item.shape) and np.array_equal(c, item.numpy()) for c in cached)
