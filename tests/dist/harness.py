@@ -171,7 +171,8 @@ def apply_checkpointing(model: torch.nn.Module) -> None:
 
 def local_sizes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     """Elements this rank holds: its parameters (an FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition
-    ``ds_tensor``) and its optimizer's Adam moments (the torch optimizer inside DeepSpeed's or fairscale's)."""
+    ``ds_tensor``) and its optimizer's Adam moments (the torch optimizer inside DeepSpeed's or fairscale's), and
+    that optimizer's class."""
 
     def local(t: torch.Tensor) -> int:
         t = getattr(t, "ds_tensor", t)
@@ -180,7 +181,11 @@ def local_sizes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     while not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optim"):
         optimizer = getattr(optimizer, "optimizer", None) or optimizer.optim  # DeepSpeed's ZeRO / fairscale's OSS
     moments = [v for s in optimizer.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
-    return {"params": sum(local(p) for p in model.parameters()), "optim": sum(local(v) for v in moments)}
+    return {
+        "params": sum(local(p) for p in model.parameters()),
+        "optim": sum(local(v) for v in moments),
+        "optimizer": type(optimizer).__name__,
+    }
 
 
 def full_optimizer_state(strategy) -> dict[str, dict[str, torch.Tensor]]:
