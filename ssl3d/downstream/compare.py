@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ssl3d.memory.plan import _COLORS, _nice_step
+from ssl3d.memory.plan import _COLORS
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,7 +71,7 @@ def plot_comparison(path: Path, task: str, table: list[dict[str, Any]]) -> None:
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     xs = sorted({t["labelled"] for t in table})
-    ymax = max(1e-3, max(t["final_dice_max"] for t in table)) * 1.1
+    ymax = 1.0  # Dice: the whole range, so a small gain looks as small as it is
     x0, x1 = min(xs), max(xs)
 
     def px(n: float, dice: float) -> tuple[float, float]:
@@ -79,13 +79,10 @@ def plot_comparison(path: Path, task: str, table: list[dict[str, Any]]) -> None:
         return left + frac * (w - left - right), h - bottom - dice / ymax * (h - top - bottom)
 
     d.rectangle([left, top, w - right, h - bottom], outline="black")
-    step = _nice_step(ymax) if ymax > 2.5 else (0.1 if ymax > 0.5 else 0.05)
-    g = 0.0
-    while g <= ymax:
-        _, y = px(x0, g)
+    for i in range(11):
+        _, y = px(x0, i / 10)
         d.line([left, y, w - right, y], fill=(230, 230, 230))
-        d.text((20, y - 6), f"{g:.2f}", fill="black")
-        g += step
+        d.text((30, y - 6), f"{i / 10:.1f}", fill="black")
     for n in xs:
         x, _ = px(n, 0)
         d.line([x, h - bottom, x, h - bottom + 5], fill="black")
