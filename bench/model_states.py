@@ -309,7 +309,7 @@ def _forward_backward(strategy, model, loss_fn, x: torch.Tensor, gen: torch.Gene
         losses = loss_fn(
             out.rotation.float(), views.rot_labels, out.contrastive.float(), out.reconstruction.float(), views.views
         )
-        strategy.backward(losses["total"], sync=True)
+        strategy.backward(losses["total"])
 
 
 def worker(rank: int, name: str, a: argparse.Namespace, port: int, out: str) -> None:

@@ -13,9 +13,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,54 +23,15 @@ import torch
 
 from ssl3d.config import Config, ConfigError
 from ssl3d.errors import CheckpointWriteError
+from ssl3d.fileio import atomic_torch_save, fsync_tree
 from ssl3d.strategies.base import CHECKPOINT_LAYOUTS, Strategy, clean_name
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def is_complete(directory: Path) -> bool:
     return (directory / COMPLETE).is_file()
-
-
-def kill_hook(variable: str, step: int, rank: int) -> None:
-    """Test hook: SIGKILL this process when the environment variable names this step and rank.
-
-    ``SSL3D_KILL_AT_STEP`` (after that optimizer step) and ``SSL3D_KILL_DURING_SAVE`` (after this rank has
-    written its part of that step's checkpoint, before the folder is marked complete) take ``STEP`` (every rank)
-    or ``STEP:RANK`` (that rank only). Under torchrun they fire on the first attempt only
-    (``TORCHELASTIC_RESTART_COUNT`` 0), so an elastic restart runs through.
-    """
-    raw = os.environ.get(variable)
-    if not raw or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    want_step, _, want_rank = raw.partition(":")
-    if int(want_step) == step and (not want_rank or int(want_rank) == rank):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _digest(path: Path) -> str:
@@ -135,10 +96,17 @@ def _is_disk_full(exc: BaseException | None, free: int, need: int) -> bool:
 class CheckpointManager:
     """Step folders ``step_XXXXXXXX`` (the newest ``keep`` kept) and ``best`` under one root."""
 
-    def __init__(self, root: Path, strategy: Strategy, keep: int = 2):
+    def __init__(
+        self,
+        root: Path,
+        strategy: Strategy,
+        keep: int = 2,
+        on_shard_saved: Callable[[int, int], None] | None = None,
+    ):
         self.root = Path(root)
         self.strategy = strategy
         self.keep = keep
+        self.on_shard_saved = on_shard_saved  # (step, rank) after this rank wrote its part; tests kill there
 
     def _write(self, final: Path, extra: dict[str, Any]) -> None:
         """Every rank writes its part into a temporary folder; rank 0 lists each file's size and SHA-256 in the
@@ -155,15 +123,15 @@ class CheckpointManager:
             s.save(tmp, extra)
         except (OSError, RuntimeError) as exc:  # torch reports a short write as a RuntimeError
             failure = exc
-        if STEP_DIR.match(final.name):
-            kill_hook("SSL3D_KILL_DURING_SAVE", int(final.name.removeprefix("step_")), s.rank)
+        if self.on_shard_saved is not None and STEP_DIR.match(final.name):
+            self.on_shard_saved(int(final.name.removeprefix("step_")), s.rank)
         if s.any_rank(failure is not None):
             self._fail(final, tmp, failure)
         if s.is_main:
             try:
                 marker = {"step": extra.get("step"), "strategy": s.name, "files": _manifest(tmp)}
                 (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 old = final.with_name(f".old_{final.name}")
                 if final.exists():
                     shutil.rmtree(old, ignore_errors=True)

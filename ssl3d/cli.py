@@ -103,10 +103,10 @@ def add_dry_run(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_seed_flags(p: argparse.ArgumentParser) -> None:
+def add_reference_flags(p: argparse.ArgumentParser) -> None:
     """The reference's main.py flags, mapped onto the config so its command lines keep working."""
-    g = p.add_argument_group("reference (seed) flags")
-    g.add_argument("--logdir", help="log folder; like the seed, a bare name goes under runs/")
+    g = p.add_argument_group("reference flags")
+    g.add_argument("--logdir", help="log folder; like the reference, a bare name goes under runs/")
     for flag, typ in [
         ("--batch_size", int),
         ("--sw_batch_size", int),
@@ -152,7 +152,7 @@ def add_seed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, help=argparse.SUPPRESS)
 
 
-def seed_overrides(a: argparse.Namespace, has_config: bool) -> dict[str, Any]:
+def reference_overrides(a: argparse.Namespace, has_config: bool) -> dict[str, Any]:
     o: dict[str, Any] = {}
     simple = {
         "batch_size": "train.batch_size",
@@ -190,7 +190,7 @@ def seed_overrides(a: argparse.Namespace, has_config: bool) -> dict[str, Any]:
     if a.lrdecay:
         o["optim.schedule"] = a.lr_schedule or "warmup_cosine"
     elif not has_config:
-        o["optim.schedule"] = "constant"  # the seed: without --lrdecay the learning rate never changes
+        o["optim.schedule"] = "constant"  # the reference: without --lrdecay the learning rate never changes
     if a.use_checkpoint:
         o["model.use_checkpoint"] = True
     if a.noamp:
@@ -204,20 +204,20 @@ def seed_overrides(a: argparse.Namespace, has_config: bool) -> dict[str, Any]:
     return o
 
 
-def is_demo(a: argparse.Namespace, seed_flags: bool = False) -> bool:
+def is_demo(a: argparse.Namespace, reference_flags: bool = False) -> bool:
     """The demo preset is for the demo only: no config, no datalist and none of the reference's flags. Anything
     else starts from the config's defaults (the reference's), so its command lines train its model anywhere."""
-    reference_flags = seed_flags and bool(seed_overrides(a, has_config=True))
-    return not a.config and not getattr(a, "datalist", None) and not reference_flags
+    flags_given = reference_flags and bool(reference_overrides(a, has_config=True))
+    return not a.config and not getattr(a, "datalist", None) and not flags_given
 
 
-def build_config(a: argparse.Namespace, seed_flags: bool = False, demo: bool = True) -> Config:
+def build_config(a: argparse.Namespace, reference_flags: bool = False, demo: bool = True) -> Config:
     """defaults (the reference's) < demo preset (the demo only) < --config < reference flags < --datalist, --set."""
     overrides: dict[str, Any] = {}
-    if demo and is_demo(a, seed_flags):
+    if demo and is_demo(a, reference_flags):
         overrides.update(DEMO_GPU if _cuda_available() else DEMO_CPU)
-    if seed_flags:
-        overrides.update(seed_overrides(a, has_config=bool(a.config)))
+    if reference_flags:
+        overrides.update(reference_overrides(a, has_config=bool(a.config)))
     if a.datalist:
         lists = []
         for item in a.datalist:
@@ -265,8 +265,8 @@ def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
     return resolved
 
 
-def run_pretrain(a: argparse.Namespace, seed_flags: bool = False) -> int:
-    cfg = build_config(a, seed_flags)
+def run_pretrain(a: argparse.Namespace, reference_flags: bool = False) -> int:
+    cfg = build_config(a, reference_flags)
     budget = parse_bytes(a.fit_memory, "--fit-memory") if a.fit_memory else None
     ds, device = check_run_inputs(cfg)
     if getattr(a, "dry_run", False):
@@ -403,7 +403,7 @@ def parse_bytes(text: str, flag: str = "--budget") -> int:
 
 def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
     """The run config and preset of ``ssl3d memory`` as the estimator's arguments."""
-    from ssl3d.ds_config import load_ds_config
+    from ssl3d.strategies.ds_config import load_ds_config
 
     cfg = build_config(a, demo=False)  # without a config: the reference-size run, not the CPU demo
     ds = load_ds_config(
@@ -570,7 +570,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/pretrain.py", description="ssl3d pre-training entry point")
     add_run_flags(parser)
     add_dry_run(parser)
-    add_seed_flags(parser)
+    add_reference_flags(parser)
     return guarded(run_pretrain, parser.parse_args(argv), True)
 
 

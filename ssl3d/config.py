@@ -46,7 +46,7 @@ class ModelConfig:
     decoder: Literal["vae", "deconv", "large_kernel_deconv"] = "vae"
     # Reproduce MONAI < 1.5 patch-merging order, which the released model_swinvit.pt was trained with.
     legacy_patch_merging: bool = False
-    # The seed's --use_checkpoint: checkpoint every Swin block and decoder stage (ssl3d's "full" policy) unless
+    # The reference's --use_checkpoint: checkpoint every Swin block and decoder stage (ssl3d's "full" policy) unless
     # the ds_config's activation_checkpointing section says otherwise.
     use_checkpoint: bool = False
     # Window attention through scaled_dot_product_attention in training too (MONAI uses it only without grad).
@@ -59,7 +59,7 @@ class ModelConfig:
 class DataConfig:
     datalists: list[DatalistConfig] = field(default_factory=list)  # empty: the built-in demo data
     roi: tuple[int, int, int] = (96, 96, 96)
-    num_samples: int = 2  # random crops per volume (the seed's sw_batch_size)
+    num_samples: int = 2  # random crops per volume (the reference's sw_batch_size)
     a_min: float = -1000.0
     a_max: float = 1000.0
     b_min: float = 0.0

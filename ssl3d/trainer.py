@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -21,30 +20,25 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ssl3d.checkpoint import CheckpointManager, export_swinvit, kill_hook, load_init_weights
+from ssl3d.checkpoint import CheckpointManager, export_swinvit, load_init_weights
 from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
 from ssl3d.errors import Preempted, TrainingStopped
+from ssl3d.fault_injection import Faults
 from ssl3d.logger import RunLogger, foreground_fraction
 from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model import build_model
 from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer, lr_at
 from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
-from ssl3d.ssl.grad_cache import grad_cached_backward
 from ssl3d.ssl.monitors import collapse_monitors
+from ssl3d.ssl.task import LOSS_KEYS, SSLTask
+from ssl3d.step import run_step
 from ssl3d.strategies import Strategy, read_checkpoint_weights
-from ssl3d.strategies.single import load_extra
+from ssl3d.strategies.precision import StepResult
 
-LOSS_KEYS = ("total", "rotation", "contrastive", "reconstruction")
 MAX_LOADER_RESTARTS = 3
-
-
-def _planted_nan_steps() -> set[int]:
-    """Test hook: SSL3D_PLANT_NAN=3,4 makes the losses of those steps (1-based) NaN."""
-    raw = os.environ.get("SSL3D_PLANT_NAN", "")
-    return {int(v) for v in raw.split(",") if v.strip()}
 
 
 class PreemptionFlag:
@@ -92,7 +86,6 @@ class LoopState:
     batch_in_epoch: int = 0  # batches of this epoch already consumed
     best_val: float = math.inf
     bad_steps_in_row: int = 0
-    overflows_in_row: int = 0  # fp16 loss-scale overflows (skipped steps that lowered the scale)
     skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # first/last losses for the summary
 
@@ -107,23 +100,11 @@ def prepare_demo_data(cfg: Config, strategy: Strategy) -> None:
     cfg.data = resolve_data_config(cfg)
 
 
-def _merge_counts(counts: dict[str, int]) -> dict[str, int]:
-    """Sum per-rank counters on every rank (a no-op on one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return dict(counts)
-    gathered: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(gathered, counts)
-    merged: dict[str, int] = {}
-    for part in gathered:
-        for key, n in part.items():
-            merged[key] = merged.get(key, 0) + n
-    return merged
-
-
 class Trainer:
-    def __init__(self, cfg: Config, strategy: Strategy):
+    def __init__(self, cfg: Config, strategy: Strategy, faults: Faults | None = None):
         self.cfg = cfg
         self.strategy = strategy
+        self.faults = faults if faults is not None else Faults.from_env()  # tests' planted faults; none in a run
         self.device = strategy.device
         self.logdir = Path(cfg.train.logdir)
         prepare_demo_data(cfg, strategy)
@@ -140,7 +121,7 @@ class Trainer:
             if strategy.is_main:
                 print(f"ssl3d: initialised from {cfg.model.init_weights} ({len(missing)} tensors left as built)")
         # Memory tools, applied from outside the model before the strategy wraps it:
-        # fused attention -> activation checkpointing -> (strategy) compile / wrap / shard -> optimizer.
+        # fused attention -> activation checkpointing -> (strategy) wrap / shard -> optimizer.
         if cfg.model.fused_attention:
             apply_fused_attention(model)
         if policy:
@@ -154,10 +135,15 @@ class Trainer:
         # Augmentation randomness: one stream per rank, on the model's device, saved in checkpoints.
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed * 1000 + strategy.rank + 1)
+        self.task = SSLTask(self.loss_fn, self.masking, self.generator, grad_cache_chunk=cfg.ssl.grad_cache_chunk)
 
         self.state = LoopState()
-        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", strategy, keep=cfg.train.keep_checkpoints)
-        self.planted_nan = _planted_nan_steps()
+        self.checkpoints = CheckpointManager(
+            self.logdir / "checkpoints",
+            strategy,
+            keep=cfg.train.keep_checkpoints,
+            on_shard_saved=self.faults.after_shard_saved,
+        )
         self.bad_volumes: dict[str, int] = {}  # "<path>: <reason>" -> times replaced (this rank)
         resume = self.checkpoints.resume_point(cfg.train.resume)  # verified: a damaged one is never trusted
         if resume is not None:
@@ -173,57 +159,23 @@ class Trainer:
         self.preemption = PreemptionFlag(cfg.train.preempt_signals, strategy.rank)
 
     # -- one step ------------------------------------------------------------------------------------------
-    def _forward_losses(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        views = make_views(x, generator, self.masking)  # both views stacked: [2N, C, H, W, D]
-        with self.strategy.autocast():
-            out = self.model(views.corrupted)
-        # With "gather_contrastive" in the preset, negatives come from every rank's batch (a no-op otherwise).
-        emb = out.contrastive.float()
-        n = emb.shape[0] // 2
-        emb = torch.cat([self.strategy.gather_embeddings(emb[:n]), self.strategy.gather_embeddings(emb[n:])])
-        return self.loss_fn(out.rotation.float(), views.rot_labels, emb, out.reconstruction.float(), views.views)
-
-    def _cached_forward_backward(self, x: torch.Tensor, sync: bool, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """``ssl.grad_cache_chunk`` views at a time, with the whole micro-batch's gradients (gradient caching).
-
-        Only the micro-batch's last chunk may reduce gradients across ranks (``sync``); ``scale`` is the NaN hook."""
-        views = make_views(x, self.generator, self.masking)
-        strategy = self.strategy
-
-        def backward(loss: torch.Tensor, last: bool) -> None:
-            strategy.backward(loss * scale, sync=sync and last)
-
-        losses = grad_cached_backward(
-            self.model,
-            views,
-            self.loss_fn,
-            self.cfg.ssl.grad_cache_chunk,
-            backward,
-            context=lambda last: strategy.accumulate(sync and last),
-            autocast=strategy.autocast,
-            gather=strategy.gather_embeddings,
-        )
-        return {k: v * scale for k, v in losses.items()}
-
-    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns mean losses and the gradient norm."""
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], StepResult]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns mean losses and what the strategy did."""
         lr = lr_at(self.cfg.optim, self.state.step, self.cfg.train.num_steps)
         self.strategy.set_lr(lr)
-        nan = float("nan") if self.state.step + 1 in self.planted_nan else 1.0
-        for i, x in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1
-            if self.cfg.ssl.grad_cache_chunk:
-                losses = self._cached_forward_backward(x, sync, nan)
-            else:
-                with self.strategy.accumulate(sync):
-                    losses = self._forward_losses(x, self.generator)
-                    losses = {k: v * nan for k, v in losses.items()}
-                    self.strategy.backward(losses["total"], sync=sync)
+        per_micro, result = run_step(
+            self.model,
+            self.task,
+            micro_batches,
+            self.strategy,
+            max_grad_norm=self.cfg.train.grad_clip,
+            loss_hook=self.faults.loss_hook(self.state.step + 1),
+        )
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        for losses in per_micro:
             for k in LOSS_KEYS:
-                sums[k] += float(losses[k].detach()) / len(micro_batches)
-        norm = float(self.strategy.step(self.cfg.train.grad_clip))
-        return {**sums, "lr": lr}, norm
+                sums[k] += float(losses[k]) / len(per_micro)
+        return {**sums, "lr": lr}, result
 
     # -- data ----------------------------------------------------------------------------------------------
     def _batches(self):
@@ -316,16 +268,8 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------------
     def _extra(self) -> dict[str, Any]:
-        s = self.state
         extra = {
-            "step": s.step,
-            "epoch": s.epoch,
-            "batch_in_epoch": s.batch_in_epoch,
-            "best_val": s.best_val,
-            "bad_steps_in_row": s.bad_steps_in_row,
-            "overflows_in_row": s.overflows_in_row,
-            "skipped_steps": s.skipped_steps,
-            "history": json.dumps(s.history),
+            **dataclasses.asdict(self.state),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
@@ -342,7 +286,7 @@ class Trainer:
 
         Switching backend (or what the backend cannot reshard, ``Strategy.resume_problem``) restarts the optimizer
         from the consolidated weights, with a warning; the step, data position and random streams carry over."""
-        saved = load_extra(directory, self.strategy.rank)
+        saved = self.strategy.load_extra(directory)
         same_backend = saved.get("strategy", self.strategy.name) == self.strategy.name
         saved_world = int(saved.get("world_size", self.strategy.world_size))
         if same_backend:
@@ -361,14 +305,10 @@ class Trainer:
                 )
             self.strategy.load_model_weights(read_checkpoint_weights(directory))
             extra = saved
-        s = self.state
-        s.step, s.epoch, s.batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
+        self.state = s = LoopState(**{f.name: extra[f.name] for f in dataclasses.fields(LoopState) if f.name in extra})
+        if isinstance(s.history, str):  # checkpoints written before the loop state was saved as it is
+            s.history = json.loads(s.history)
         s.batch_in_epoch = self._data_position(extra, saved_world)
-        s.best_val = float(extra["best_val"])
-        s.bad_steps_in_row = int(extra.get("bad_steps_in_row", 0))
-        s.overflows_in_row = int(extra.get("overflows_in_row", 0))
-        s.skipped_steps = int(extra.get("skipped_steps", 0))
-        s.history = json.loads(extra.get("history", "[]"))
         if saved_world == self.strategy.world_size:
             self.generator.set_state(extra["generator"])
         else:  # ranks without a saved stream of their own: a fresh one per rank, not copies of rank 0's
@@ -399,14 +339,6 @@ class Trainer:
     def _last_checkpoint_text(self) -> str:
         last = self.checkpoints.latest()
         return f"last good checkpoint: {last}" if last else "no checkpoint written yet"
-
-    def _underflow_help(self, step: int, scale: float) -> str:
-        return (
-            f"step {step}: fp16 loss scale underflow: after {max(self.state.overflows_in_row, 1)} gradient overflows "
-            f"in a row the scale is {scale:g}, below fp16.min_loss_scale ({self.strategy.min_loss_scale:g}): "
-            'gradients overflow fp16 even unscaled; train in bf16 (train.precision=bf16, or "bf16": '
-            f'{{"enabled": true}} in the preset) or lower optim.lr; {self._last_checkpoint_text()}'
-        )
 
     def _out_of_memory_help(self, exc: BaseException) -> str:
         """What ran out, what the estimator expected, and what the planner suggests (one message, no traceback)."""
@@ -446,34 +378,26 @@ class Trainer:
         while s.step < cfg.train.num_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-            scale_before = strategy.loss_scale()
             try:
-                losses, norm = self.train_step(micro)
+                losses, result = self.train_step(micro)
             except torch.OutOfMemoryError as exc:
                 bar.close()
                 del micro
                 raise TrainingStopped(self._out_of_memory_help(exc)) from None
-            except Exception as exc:
-                if "loss scale already at minimum" not in str(exc):  # DeepSpeed's own fp16 underflow stop
-                    raise
-                bar.close()
-                raise TrainingStopped(self._underflow_help(s.step + 1, scale_before or 0.0)) from None
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            strategy.synchronize()  # the step's time is its device's time
             dt = time.perf_counter() - t0
             s.step += 1
-            kill_hook("SSL3D_KILL_AT_STEP", s.step, strategy.rank)  # test hook: SIGKILL after this step
-            scale = strategy.loss_scale()
+            self.faults.after_step(s.step, strategy.rank)
+            norm = result.grad_norm
             if math.isfinite(norm) and math.isfinite(losses["total"]):
-                s.bad_steps_in_row = s.overflows_in_row = 0
-            elif math.isfinite(losses["total"]) and scale is not None and scale < (scale_before or 0.0):
-                # fp16 gradient overflow: the loss scaler skipped the step and lowered the scale (normal while the
-                # scale settles); only a scale falling below fp16.min_loss_scale ends the run.
+                s.bad_steps_in_row = 0
+            elif math.isfinite(losses["total"]) and result.overflow:
+                # An overflow the strategy expects (it skipped the update and adapted:
+                # normal while it settles); only a strategy that says it cannot go on ends the run.
                 s.skipped_steps += 1
-                s.overflows_in_row += 1
-                if scale < strategy.min_loss_scale:
+                if result.stop:
                     bar.close()
-                    raise TrainingStopped(self._underflow_help(s.step, scale))
+                    raise TrainingStopped(f"step {s.step}: {result.stop}; {self._last_checkpoint_text()}")
             else:
                 s.bad_steps_in_row += 1
                 s.skipped_steps += 1
@@ -491,8 +415,7 @@ class Trainer:
                 scalars = {f"train/loss_{k}": losses[k] for k in LOSS_KEYS}
                 scalars |= {"train/lr": losses["lr"], "train/grad_norm": norm, "perf/step_time_s": dt}
                 scalars["train/skipped_steps"] = s.skipped_steps
-                if scale is not None:
-                    scalars["train/loss_scale"] = scale
+                scalars |= result.scalars
                 scalars["perf/volumes_per_s"] = volumes_per_step / dt
                 scalars |= {f"memory/{k}": v for k, v in strategy.memory_report().items()}
                 self.log.scalars(scalars, s.step)
@@ -542,7 +465,7 @@ class Trainer:
     def finish(self, last_val: dict[str, float]) -> dict[str, Any]:
         """Export the encoder for fine-tuning and write a summary next to the logs."""
         weights = self.strategy.full_state_dict()
-        bad = _merge_counts(self.bad_volumes)
+        bad = self.strategy.sum_counts(self.bad_volumes)
         summary: dict[str, Any] = {}
         if self.strategy.is_main:
             export_path = export_swinvit(weights, self.logdir / "model_swinvit.pt", self.cfg, self.state.step)

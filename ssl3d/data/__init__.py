@@ -16,7 +16,7 @@ _HOME = {
     "TrainLoader": "datasets",
     "build_datasets": "datasets",
     "build_loaders": "datasets",
-    "resolve_data_config": "datasets",
+    "resolve_data_config": "datalist",
     "write_demo_dataset": "demo",
     "fetch_samples": "samples",
     "build_train_transforms": "transforms",

@@ -11,7 +11,9 @@ the file nor the entry, which is what a user needs to fix a list of thousands of
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ssl3d.config import ConfigError, DataConfig, DatalistConfig, read_json
+from ssl3d.config import Config, ConfigError, DataConfig, DatalistConfig, read_json
 
 MAX_REPORTED_MISSING = 5
 HOLDOUT_FRACTION = 0.05
+log = logging.getLogger(__name__)
 
 
 def load_datalists(
@@ -136,3 +139,16 @@ def _hold_out(
         stacklevel=3,
     )
     return [e for i, e in enumerate(entries) if i not in held], [e for i, e in enumerate(entries) if i in held]
+
+
+def resolve_data_config(cfg: Config) -> DataConfig:
+    """The run's data config; with no datalists, the built-in demo data (written on first use)."""
+    d = cfg.data
+    if d.datalists:
+        return d
+    from ssl3d.data.demo import write_demo_dataset  # torch and nibabel: only when the demo data is needed
+
+    demo_dir = Path(d.demo_dir or Path(cfg.train.logdir).parent / "demo_data")  # as ssl3d.trainer writes it
+    path = write_demo_dataset(demo_dir, n_volumes=d.demo_volumes, seed=cfg.train.seed)
+    log.info("data.datalists is empty: using %d synthetic demo volumes from %s", d.demo_volumes, path)
+    return dataclasses.replace(d, datalists=[DatalistConfig(json=str(path))])

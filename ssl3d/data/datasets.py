@@ -18,7 +18,6 @@ rank the same number of batches (FSDP and ZeRO-3 need every rank to run the same
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -37,9 +36,8 @@ from monai.data import Dataset as MonaiDataset
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssl3d.config import Config, DataConfig, DatalistConfig
-from ssl3d.data.datalist import load_datalists
-from ssl3d.data.demo import write_demo_dataset
+from ssl3d.config import Config, DataConfig
+from ssl3d.data.datalist import load_datalists, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
 from ssl3d.data.prepcache import PrepCache, PrepCacheDataset, prepcache_root
 from ssl3d.data.transforms import build_crop_transforms, build_guarded_load
@@ -228,17 +226,6 @@ class Datasets:
     val: CropDataset
     data: DataConfig  # the data config actually used (datalists filled in with the demo data if empty)
     smart: SmartCache | None = None  # set for data.dataset == "smart_cache"
-
-
-def resolve_data_config(cfg: Config) -> DataConfig:
-    """The run's data config; with no datalists, the built-in demo data (written on first use)."""
-    d = cfg.data
-    if d.datalists:
-        return d
-    demo_dir = Path(d.demo_dir or Path(cfg.train.logdir).parent / "demo_data")  # as ssl3d.trainer writes it
-    path = write_demo_dataset(demo_dir, n_volumes=d.demo_volumes, seed=cfg.train.seed)
-    log.info("data.datalists is empty: using %d synthetic demo volumes from %s", d.demo_volumes, path)
-    return dataclasses.replace(d, datalists=[DatalistConfig(json=str(path))])
 
 
 def build_datasets(cfg: Config, rank: int = 0, world_size: int = 1, start_epoch: int = 0) -> Datasets:

@@ -39,6 +39,7 @@ from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from ssl3d.config import Config, DataConfig
+from ssl3d.data.datalist import load_datalists, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError, GuardedLoad
 from ssl3d.data.transforms import KEY, build_guarded_load
 
@@ -110,12 +111,6 @@ class PrepCache:
                 entry.unlink(missing_ok=True)
                 self.build(image, entry)
         return np.load(entry, mmap_mode="r")
-
-    def dequantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Stored values (after the crop, as float32) back to the pipeline's output range."""
-        if self.storage == "uint8":
-            return x * ((self.hi - self.lo) / 255.0) + self.lo
-        return x
 
     def crop_transforms(self, crops: Compose) -> Compose:
         """The random crop chain for cached volumes: uint8 crops are scaled back after cropping.
@@ -280,9 +275,6 @@ def build_prepcache(
 
     Returns the folder and the counts; safe to run concurrently with training or with other builders.
     """
-    from ssl3d.data.datalist import load_datalists
-    from ssl3d.data.datasets import resolve_data_config
-
     d = resolve_data_config(cfg)
     training, validation = load_datalists(d, seed=cfg.train.seed)
     images = sorted({e[KEY] for e in training + validation})[rank::world_size]

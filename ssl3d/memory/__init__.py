@@ -1,6 +1,6 @@
 """Memory scaling: activation checkpointing policies, a FakeTensor estimator, a profiler and a planner."""
 
-from ssl3d.memory.checkpointing import (
+from ssl3d.memory.activation_checkpointing import (
     CHECKPOINT_KEYS,
     CheckpointPolicy,
     apply_activation_checkpointing,

@@ -39,7 +39,13 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ssl3d.config import ConfigError, ModelConfig
-from ssl3d.memory.checkpointing import CheckpointPolicy, apply_activation_checkpointing, as_policy, simulate_offload
+from ssl3d.memory.activation_checkpointing import (
+    CheckpointPolicy,
+    apply_activation_checkpointing,
+    as_policy,
+    simulate_offload,
+)
+from ssl3d.model.meta import meta_model, model_key
 
 __all__ = [
     "CATEGORIES",
@@ -304,40 +310,6 @@ def training_step(
 # Building the model without memory.
 
 
-@functools.lru_cache(maxsize=8)
-def _meta_model(model_key: str, contrastive_dim: int) -> nn.Module:
-    """The SSL model with meta parameters (no memory, no init cost after the first call per config)."""
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._device import _device_constructors
-
-    from ssl3d.model import build_model
-
-    class _MetaInit(TorchFunctionMode):
-        # MONAI calls .item() on a linspace in the encoder's constructor: keep that one (tiny) on the CPU.
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            kwargs = dict(kwargs or {})
-            if func in _device_constructors() and kwargs.get("device") is None and func is not torch.linspace:
-                kwargs["device"] = "meta"
-            return func(*args, **kwargs)
-
-    cfg = ModelConfig(**json.loads(model_key))
-    cfg.depths, cfg.num_heads = tuple(cfg.depths), tuple(cfg.num_heads)
-    cfg.init_weights = None
-    with _MetaInit():
-        return build_model(cfg, contrastive_dim)
-
-
-def _model_key(cfg: ModelConfig) -> str:
-    d = dataclasses.asdict(cfg)
-    d["init_weights"] = None
-    return json.dumps(d, sort_keys=True)
-
-
-def count_parameters(model: ModelConfig, contrastive_dim: int = 512) -> int:
-    """Parameters of the SSL model for this config, counted on the meta device (no memory, well under a second)."""
-    return sum(p.numel() for p in _meta_model(_model_key(model), contrastive_dim).parameters())
-
-
 def _unit_sizes(model: nn.Module) -> dict[str, int]:
     """Parameter counts that sharding needs: total, per Swin block (FSDP/ZeRO-3 units), the rest (FSDP root)."""
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
@@ -400,7 +372,7 @@ def _trace_cached(
     from ssl3d.ssl import SSLLoss
 
     t0 = time.perf_counter()
-    model = copy.deepcopy(_meta_model(model_key, contrastive_dim))
+    model = copy.deepcopy(meta_model(model_key, contrastive_dim))
     units = _unit_sizes(model)
     if fused_attention:
         apply_fused_attention(model)
@@ -473,7 +445,7 @@ def trace_step(
     if batch_size < 1 or num_samples < 1:
         raise ConfigError(f"batch_size/num_samples: got {batch_size}/{num_samples}, expected at least 1 each")
     return _trace_cached(
-        _model_key(model),
+        model_key(model),
         contrastive_dim,
         normalize_roi(roi),
         int(batch_size),
@@ -489,6 +461,15 @@ def trace_step(
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-rank arithmetic.
+
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements
+
+
+def auto_bucket_size(parameters: int) -> int:
+    """The presets' ``"auto"`` bucket size for a model of ``parameters`` elements (the rule of
+    ``ssl3d.strategies.ds_config.auto_bucket_size``, restated so the estimator stays below the strategy layer;
+    a unit test holds the two equal): that many, rounded up to a multiple of 4096, at most DeepSpeed's default."""
+    return min(DEEPSPEED_DEFAULT_BUCKET, -(-parameters // 4096) * 4096)
 
 
 @dataclass
@@ -546,8 +527,6 @@ def _rank_bytes(
     """
     n = max(1, int(world_size))
     if reduce_bucket_size is None:  # what ssl3d's presets resolve "auto" to: the model's parameter count
-        from ssl3d.ds_config import auto_bucket_size
-
         reduce_bucket_size = auto_bucket_size(trace.units["total"])
     col = {c: trace.column(c).astype(np.float64) for c in CATEGORIES}
     phase = trace.phase

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl3d.config import ConfigError, ModelConfig
-from ssl3d.memory.checkpointing import CheckpointPolicy, as_policy
+from ssl3d.memory.activation_checkpointing import CheckpointPolicy, as_policy
 from ssl3d.memory.estimate import GIB, STRATEGIES, estimate_memory, normalize_roi
 
 __all__ = ["DEFAULT_LADDER", "MemoryFit", "fit_memory", "format_plan", "plan_memory", "plot_memory_vs_roi"]

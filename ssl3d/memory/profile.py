@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ssl3d.config import ModelConfig
-from ssl3d.memory.checkpointing import CheckpointPolicy, apply_activation_checkpointing, as_policy
+from ssl3d.memory.activation_checkpointing import CheckpointPolicy, apply_activation_checkpointing, as_policy
 from ssl3d.memory.estimate import (
     CATEGORIES,
     GIB,
@@ -39,37 +38,13 @@ from ssl3d.memory.estimate import (
     normalize_roi,
     training_step,
 )
+from ssl3d.rss import current_rss_bytes, peak_rss_bytes
 
-__all__ = ["current_rss_bytes", "peak_rss_bytes", "profile_in_subprocess", "profile_memory"]
+__all__ = ["profile_in_subprocess", "profile_memory"]
 
 # MONAI keeps each stage in a one-element ModuleList (never called itself): hook the stage, ``layers<i>.0``.
 TOP_LEVEL = ("swinViT.patch_embed", "swinViT.layers1.0", "swinViT.layers2.0", "swinViT.layers3.0", "swinViT.layers4.0")
 HEADS = ("rotation_head", "contrastive_head", "conv")
-
-
-def current_rss_bytes() -> int:
-    """Resident set size now (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark (kernel-tracked, so it catches peaks between samples).
-
-    ``VmHWM`` of /proc/self/status, not ``ru_maxrss``: Linux carries the pre-exec address space's peak into
-    ``ru_maxrss`` across ``execve``, and a subprocess started with vfork from a large parent (pytest after many
-    tests) would report the PARENT's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _module_peaks(model: nn.Module, tracker: StorageTracker) -> tuple[dict[str, dict[str, int]], list[Any]]:

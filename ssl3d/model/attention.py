@@ -25,8 +25,6 @@ buffer names, state_dict and the MONAI weight-loading code stay exactly as they 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -301,13 +299,3 @@ def remove_fused_attention(model: nn.Module) -> int:
         elif type(module) is FusedBasicLayer:
             module.__class__ = BasicLayer
     return count
-
-
-def attention_matrix_bytes(batch_windows: int, heads: int, n: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of one eager attention matrix [windows x batch, heads, n, n]; for estimates and messages."""
-    return batch_windows * heads * n * n * torch.empty((), dtype=dtype).element_size()
-
-
-def windows_per_sample(tokens: tuple[int, int, int], window: int = 7) -> int:
-    """Windows per sample for a token grid, with MONAI's padding to whole windows."""
-    return math.prod(-(-t // window) if t > window else 1 for t in tokens)

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from ssl3d.config import Config
-from ssl3d.ds_config import DSConfig, load_ds_config
 from ssl3d.strategies.base import Strategy, clean_name, resolve_device, resolve_precision, to_cpu_fp32
 from ssl3d.strategies.ddp import DDPStrategy
 from ssl3d.strategies.deepspeed import DeepSpeedStrategy, read_zero_weights
 from ssl3d.strategies.distributed import dist_env, init_distributed
+from ssl3d.strategies.ds_config import DSConfig, load_ds_config
 from ssl3d.strategies.fairscale import FairscaleStrategy
 from ssl3d.strategies.fsdp import FSDPStrategy, read_dcp_weights
 from ssl3d.strategies.single import SingleStrategy

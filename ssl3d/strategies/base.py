@@ -1,13 +1,15 @@
 """The Strategy interface: how one training loop runs on one process, several, or sharded.
 
 The trainer talks only to this interface and never asks which backend it has. Each backend lives in its
-own small module. ``setup`` applies things in one fixed order: activation checkpointing -> compile ->
-wrap/shard -> optimizer on the wrapped parameters.
+own small module. Things are applied in one fixed order: activation checkpointing (by the caller) ->
+``setup``: wrap/shard -> optimizer on the wrapped parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -18,13 +20,16 @@ import torch
 from torch import nn
 
 from ssl3d.config import ConfigError
+from ssl3d.rss import peak_rss_bytes
+from ssl3d.strategies.precision import LossScaleWatch, StepResult  # VmHWM: ru_maxrss can carry a parent's peak
 
 if TYPE_CHECKING:
-    from ssl3d.ds_config import DSConfig
+    from ssl3d.strategies.ds_config import DSConfig
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+# DDP and DeepSpeed, torch.compile (a user may compile a model ssl3d then saves), activation checkpointing.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 _WRAPPER_PARTS = frozenset(p.rstrip(".") for p in WRAPPER_PREFIXES)
 
 
@@ -84,6 +89,19 @@ def require_layout(directory: Path, entry: str, strategy: str) -> Path:
     )
 
 
+def load_extra(directory: Path, rank: int) -> dict[str, Any]:
+    """This rank's loop state; another rank's when the world size changed (its RNG streams then differ)."""
+    path = directory / f"extra_rank{rank}.pt"
+    if not path.exists():
+        path = directory / "extra_rank0.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_extra(directory: Path, rank: int, extra: dict[str, Any]) -> None:
+    """This rank's loop state (the trainer's ``extra``), beside whatever the backend writes itself."""
+    torch.save(extra, directory / f"extra_rank{rank}.pt")
+
+
 class Strategy(ABC):
     """One backend. Subclasses keep their engine/wrapper state; the trainer holds only the returned model."""
 
@@ -128,23 +146,42 @@ class Strategy(ABC):
         yield
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
-        """Backward of an unscaled micro-batch loss; the strategy divides by the accumulation steps."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of an unscaled micro-batch loss; the strategy divides by the accumulation steps.
+
+        Where gradients are reduced across ranks is ``accumulate(sync)``'s business, not this call's."""
+
+    @functools.cached_property
+    def loss_scale_watch(self) -> LossScaleWatch:
+        """The fp16 policy; below ``fp16.min_loss_scale`` (DeepSpeed's default 1) the run stops."""
+        return LossScaleWatch(float(self.ds_config.fp16.get("min_loss_scale", 1.0)) if self.ds_config else 1.0)
+
+    def step(self, max_grad_norm: float | None) -> StepResult:
+        """Clip (when asked), step, zero the gradients; says what happened (``StepResult``).
+
+        A non-finite gradient norm skips the update (no weight or optimizer-state change); with fp16 the loss
+        scaler's verdict (overflow, or a scale too low to go on) is part of the answer."""
+        before = self.loss_scale()
+        try:
+            norm = float(self.clip_and_step(max_grad_norm))
+        except Exception as exc:
+            if not self.is_loss_scale_stop(exc):
+                raise
+            return StepResult(grad_norm=math.nan, overflow=True, stop=self.loss_scale_watch.underflow(before))
+        return self.loss_scale_watch.result(norm, before, self.loss_scale())
 
     @abstractmethod
-    def step(self, max_grad_norm: float | None) -> torch.Tensor:
-        """Clip (when asked), step, zero the gradients; returns the global gradient norm before clipping.
+    def clip_and_step(self, max_grad_norm: float | None) -> torch.Tensor:
+        """The backend's own step: clip, step (skipped on a non-finite norm), zero the gradients; returns the global
+        gradient norm before clipping."""
 
-        A non-finite norm skips the update (no weight or optimizer-state change)."""
+    def is_loss_scale_stop(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the backend's own fp16 stop (the scale cannot go lower); the run then stops cleanly."""
+        return False
 
     def loss_scale(self) -> float | None:
         """The current fp16 loss scale; None when the run does not scale its loss (fp32, bf16)."""
         return None
-
-    @property
-    def min_loss_scale(self) -> float:
-        """Below this fp16 loss scale the run stops (``fp16.min_loss_scale`` in the preset, DeepSpeed's default 1)."""
-        return float(self.ds_config.fp16.get("min_loss_scale", 1.0)) if self.ds_config else 1.0
 
     def set_lr(self, lr: float) -> None:
         assert self.optimizer is not None
@@ -157,7 +194,7 @@ class Strategy(ABC):
         """Write model + optimizer (+ scaler) state into ``directory`` (collective: every rank calls it)."""
 
     @abstractmethod
-    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+    def load(self, directory: Path) -> dict[str, Any]:
         """Restore what ``save`` wrote; returns ``extra``."""
 
     def resume_problem(self, directory: Path, saved_world_size: int) -> str | None:
@@ -172,6 +209,11 @@ class Strategy(ABC):
     def load_model_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load plain-named full weights into the (possibly wrapped) model, e.g. from a consolidated file."""
         raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a step's wall time then is its compute time)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- collectives (no-ops on one process) ---------------------------------------------------------------
     def barrier(self) -> None:
@@ -226,8 +268,6 @@ class Strategy(ABC):
         if self.device.type == "cuda":
             out["cuda_allocated_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             out["cuda_reserved_peak_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
-        from ssl3d.memory.profile import peak_rss_bytes  # VmHWM: ru_maxrss can carry a parent's peak
-
         out["host_rss_peak_gib"] = peak_rss_bytes() / 2**30
         return out
 

@@ -34,9 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout, to_cpu_fp32
+from ssl3d.fileio import fsync_tree
+from ssl3d.strategies.base import (
+    OptimizerFactory,
+    Strategy,
+    clean_name,
+    load_extra,
+    require_layout,
+    save_extra,
+    to_cpu_fp32,
+)
 from ssl3d.strategies.distributed import init_distributed
-from ssl3d.strategies.single import load_extra, match_names, save_extra
+from ssl3d.strategies.single import match_names
 
 CHECKPOINT_TAG = "deepspeed"
 # DeepSpeed's universal checkpoint of the step folder's ZeRO partitions, converted once by the first resume at
@@ -84,7 +93,7 @@ class DeepSpeedStrategy(Strategy):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         if self.ds_config is None:
-            raise ValueError("DeepSpeedStrategy needs a resolved ds_config (ssl3d.ds_config.resolve_ds_config)")
+            raise ValueError("DeepSpeedStrategy needs a resolved ds_config (ds_config.resolve_ds_config)")
         deepspeed = import_deepspeed()
         init_distributed("nccl" if self.device.type == "cuda" else "gloo")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
@@ -135,10 +144,10 @@ class DeepSpeedStrategy(Strategy):
         self.engine.set_gradient_accumulation_boundary(sync)
         yield
 
-    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
 
-    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+    def clip_and_step(self, max_grad_norm: float | None) -> torch.Tensor:
         configured = self.ds_config.gradient_clipping if self.ds_config else None
         if (max_grad_norm or None) != configured:
             raise ValueError(
@@ -157,6 +166,9 @@ class DeepSpeedStrategy(Strategy):
             value = self.engine.get_global_grad_norm()
             norm = torch.as_tensor(float("nan") if value is None else value, dtype=torch.float32).detach().cpu()
         return norm.float()
+
+    def is_loss_scale_stop(self, exc: BaseException) -> bool:
+        return "loss scale already at minimum" in str(exc)  # DeepSpeed's own fp16 underflow stop
 
     def loss_scale(self) -> float | None:
         """DeepSpeed's dynamic fp16 loss scale (its fp16 and ZeRO optimizers keep it as ``cur_scale``)."""
@@ -178,12 +190,12 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={}, save_latest=False)
         save_extra(directory, self.rank, extra)
 
-    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+    def load(self, directory: Path) -> dict[str, Any]:
         """Exact resume; a ZeRO checkpoint written at another world size goes through the universal checkpoint."""
         directory = Path(directory)
         require_layout(directory, CHECKPOINT_TAG, self.name)
         saved_world = len(zero_partition_files(directory))
-        if load_optimizer and saved_world and saved_world != self.world_size:
+        if saved_world and saved_world != self.world_size:
             problem = self.resume_problem(directory, saved_world)
             if problem is not None:
                 raise RuntimeError(
@@ -195,9 +207,8 @@ class DeepSpeedStrategy(Strategy):
         path, _ = self.engine.load_checkpoint(
             str(directory),
             tag=CHECKPOINT_TAG,
-            load_optimizer_states=load_optimizer,
+            load_optimizer_states=True,
             load_lr_scheduler_states=False,
-            load_module_only=not load_optimizer,
         )
         if path is None:
             raise RuntimeError(f"{directory}: DeepSpeed could not load the checkpoint under tag {CHECKPOINT_TAG!r}")
@@ -407,8 +418,6 @@ def convert_to_universal(directory: Path) -> Path:
         ) from exc
     finally:
         (directory / "latest_universal").unlink(missing_ok=True)  # the converter's pointer next to its output
-    from ssl3d.checkpoint import _fsync_tree
-
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     os.replace(tmp, final)
     return final

@@ -11,10 +11,8 @@ a fairscale run resumes on one process, with DDP, or with fairscale at another w
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from ssl3d.strategies.base import OptimizerFactory
+from ssl3d.strategies.ddp import DDPStrategy
 from ssl3d.strategies.single import SingleStrategy
 
 
@@ -54,15 +53,9 @@ class FairscaleStrategy(SingleStrategy):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # fp16 is refused for fairscale
         return self.model, self.optimizer
 
-    @contextlib.contextmanager
-    def accumulate(self, sync: bool) -> Iterator[None]:
-        if sync:
-            yield
-        else:
-            with self.model.no_sync():
-                yield
+    accumulate = DDPStrategy.accumulate  # ShardedDataParallel has DDP's no_sync
 
-    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+    def clip_and_step(self, max_grad_norm: float | None) -> torch.Tensor:
         # Each rank holds the reduced gradients of its own shard only; OSS sums the shards' norms over ranks.
         norm = self.optimizer.clip_grad_norm(max_grad_norm if max_grad_norm is not None else math.inf)
         if bool(torch.isfinite(norm)):

@@ -16,9 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.ds_config import FSDPOptions
-from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout, to_cpu_fp32
-from ssl3d.strategies.single import load_extra, save_extra
+from ssl3d.strategies.base import (
+    OptimizerFactory,
+    Strategy,
+    clean_name,
+    load_extra,
+    require_layout,
+    save_extra,
+    to_cpu_fp32,
+)
+from ssl3d.strategies.ds_config import FSDPOptions
 
 
 def shard_units(model: nn.Module, shard: str) -> list[nn.Module]:
@@ -92,10 +99,10 @@ class FSDPStrategy(Strategy):
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
-    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+    def clip_and_step(self, max_grad_norm: float | None) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         assert self.optimizer is not None
@@ -120,20 +127,15 @@ class FSDPStrategy(Strategy):
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=Path(directory) / "dcp")
         save_extra(directory, self.rank, extra)
 
-    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+    def load(self, directory: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         path = require_layout(directory, "dcp", self.name)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optim_state} if load_optimizer else {"model": model_state}
+        state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=path)  # reshards to this run's world size
-        if load_optimizer:
-            set_state_dict(
-                self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
-            )
-        else:
-            set_model_state_dict(self.model, state["model"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return load_extra(directory, self.rank)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

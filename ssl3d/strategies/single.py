@@ -8,19 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.strategies.base import OptimizerFactory, Strategy, clean_name, require_layout, to_cpu_fp32
-
-
-def load_extra(directory: Path, rank: int) -> dict[str, Any]:
-    """This rank's loop state; another rank's when the world size changed (its RNG streams then differ)."""
-    path = directory / f"extra_rank{rank}.pt"
-    if not path.exists():
-        path = directory / "extra_rank0.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def save_extra(directory: Path, rank: int, extra: dict[str, Any]) -> None:
-    torch.save(extra, directory / f"extra_rank{rank}.pt")
+from ssl3d.strategies.base import (
+    OptimizerFactory,
+    Strategy,
+    clean_name,
+    load_extra,
+    require_layout,
+    save_extra,
+    to_cpu_fp32,
+)
 
 
 class SingleStrategy(Strategy):
@@ -47,10 +43,10 @@ class SingleStrategy(Strategy):
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
 
-    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.grad_accum).backward()
 
-    def step(self, max_grad_norm: float | None) -> torch.Tensor:
+    def clip_and_step(self, max_grad_norm: float | None) -> torch.Tensor:
         assert self.optimizer is not None
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -79,13 +75,12 @@ class SingleStrategy(Strategy):
             torch.save(state, directory / "state.pt")
         save_extra(directory, self.rank, extra)
 
-    def load(self, directory: Path, load_optimizer: bool = True) -> dict[str, Any]:
+    def load(self, directory: Path) -> dict[str, Any]:
         state = torch.load(require_layout(directory, "state.pt", self.name), map_location="cpu", weights_only=True)
         self.load_model_weights(state["model"])
-        if load_optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         return load_extra(directory, self.rank)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -135,7 +135,7 @@ def ssl_step(strategy, model, x: torch.Tensor, first_index: int, sc: Scenario, s
             views,
             loss_fn,
             sc.grad_cache,
-            lambda loss, last: strategy.backward(loss, sync=sync and last),
+            lambda loss, last: strategy.backward(loss),
             context=lambda last: strategy.accumulate(sync and last),
             autocast=strategy.autocast,
             gather=gather,
@@ -148,7 +148,7 @@ def ssl_step(strategy, model, x: torch.Tensor, first_index: int, sc: Scenario, s
         emb = out.contrastive.float()
         emb = torch.cat([gather(emb[:n]), gather(emb[n:])])
         loss = loss_fn(out.rotation, views.rot_labels, emb, out.reconstruction, views.views)["total"]
-        strategy.backward(loss, sync=sync)
+        strategy.backward(loss)
     return loss
 
 
@@ -280,9 +280,9 @@ def train(
                     loss = deterministic_loss(model, x, rank * micro, gather, seen)
                 if sc.nan_step == step:
                     loss = loss * float("nan")
-                strategy.backward(loss, sync=sync)
+                strategy.backward(loss)
             total += float(loss.detach()) / sc.grad_accum
-        norms.append(float(strategy.step(GRAD_CLIP)))
+        norms.append(strategy.step(GRAD_CLIP).grad_norm)
         losses.append(total)
         if on_step is not None:
             on_step(step)

@@ -1,7 +1,7 @@
 """Killed ranks with the real launcher on the CPU (gloo, 2 processes): DDP, DeepSpeed ZeRO-2 and ZeRO-3 and FSDP2
 under torchrun.
 
-One rank is SIGKILLed (by the test hooks in ``ssl3d.checkpoint.kill_hook``: after a random optimizer step, or
+One rank is SIGKILLed (by the test hooks in ``ssl3d.fault_injection``: after a random optimizer step, or
 after it wrote its part of a checkpoint, before the folder is marked complete); torchrun tears the other rank
 down. ``--resume auto`` then continues from the newest complete checkpoint and must reproduce the uninterrupted
 run's loss at every step. ``torchrun --max-restarts 1`` does the same by itself: it restarts both workers once and

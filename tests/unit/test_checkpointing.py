@@ -16,7 +16,7 @@ from monai.networks.nets.swin_unetr import SwinTransformerBlock
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl3d.config import ConfigError, ModelConfig
-from ssl3d.memory.checkpointing import (
+from ssl3d.memory.activation_checkpointing import (
     CHECKPOINT_KEYS,
     CheckpointPolicy,
     apply_activation_checkpointing,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl3d.cli import add_run_flags, add_seed_flags, build_config, main
+from ssl3d.cli import add_reference_flags, add_run_flags, build_config, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def seed_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_run_flags(p)
-    add_seed_flags(p)
+    add_reference_flags(p)
     return p.parse_args(argv)
 
 
-def test_seed_flags_map_onto_the_config():
+def test_reference_flags_map_onto_the_config():
     argv = "--use_checkpoint --batch_size=1 --sw_batch_size=1 --num_steps=7 --lrdecay --eval_num=3 --logdir=x "
     argv += "--lr=6e-6 --decay=0.05 --roi_x=32 --roi_y=64 --roi_z=64 --feature_size=24 --noamp --grad_clip"
-    cfg = build_config(seed_args(argv.split()), seed_flags=True)
+    cfg = build_config(seed_args(argv.split()), reference_flags=True)
     assert cfg.model.use_checkpoint and cfg.model.feature_size == 24
     assert cfg.train.batch_size == 1 and cfg.data.num_samples == 1 and cfg.train.num_steps == 7
     assert cfg.optim.schedule == "warmup_cosine" and cfg.optim.lr == 6e-6 and cfg.optim.weight_decay == 0.05
@@ -31,7 +31,7 @@ def test_seed_flags_map_onto_the_config():
 
 
 def test_without_lrdecay_the_rate_is_constant_like_the_seed():
-    cfg = build_config(seed_args(["--num_steps=5"]), seed_flags=True)
+    cfg = build_config(seed_args(["--num_steps=5"]), reference_flags=True)
     assert cfg.optim.schedule == "constant"
 
 
@@ -151,8 +151,8 @@ def test_each_reference_flag_sets_its_key_and_nothing_else(argv, changed, tmp_pa
     (tmp_path / "step_00000010" / "COMPLETE").touch()
     argv = argv.replace("{tmp}", str(tmp_path))
     changed = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in changed.items()}
-    base = _flat(build_config(seed_args([]), seed_flags=True, demo=False).to_dict())
-    got = _flat(build_config(seed_args(argv.split()), seed_flags=True).to_dict())
+    base = _flat(build_config(seed_args([]), reference_flags=True, demo=False).to_dict())
+    got = _flat(build_config(seed_args(argv.split()), reference_flags=True).to_dict())
     diff = {k: v for k, v in got.items() if v != base.get(k)}
     assert diff == changed
 

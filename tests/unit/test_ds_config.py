@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ssl3d.config import Config, ConfigError, load_config
-from ssl3d.ds_config import (
+from ssl3d.strategies.ds_config import (
     OFFLOAD_OPTIMIZER_KEYS,
     OFFLOAD_PARAM_KEYS,
     ZERO_KEYS,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ssl3d.config import ConfigError, ModelConfig
-from ssl3d.memory.checkpointing import apply_activation_checkpointing
+from ssl3d.memory.activation_checkpointing import apply_activation_checkpointing
 from ssl3d.memory.estimate import (
     CATEGORIES,
     GIB,

@@ -20,7 +20,7 @@ Policies (``CheckpointPolicy.policy``):
 - ``offload``: no recomputation; what the chosen parts save for backward goes to host memory.
 
 ``offload_to_cpu`` (DeepSpeed's ``cpu_checkpointing``) with ``full``/``selective`` keeps the checkpoint inputs
-in host memory as well. Order of application (Strategy.setup): checkpointing -> compile -> wrap/shard -> optimizer.
+in host memory as well. Order of application: checkpointing -> (Strategy.setup) wrap/shard -> optimizer.
 """
 
 from __future__ import annotations

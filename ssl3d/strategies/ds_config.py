@@ -194,11 +194,6 @@ class DSConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # what deepspeed.initialize(config=...) gets
     source: str = "<dict>"
 
-    @property
-    def uses_torch_optimizer_offload(self) -> bool:
-        """Optimizer offload with a plain torch optimizer (no compiled DeepSpeedCPUAdam)."""
-        return self.offload_optimizer.enabled and self.deepspeed.get("zero_force_ds_cpu_optimizer") is False
-
 
 def _did_you_mean(key: str, valid: tuple[str, ...] | list[str]) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
@@ -362,7 +357,7 @@ def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offloa
 def _check_activation_checkpointing(section: dict[str, Any]) -> list[str]:
     """The memory module's own parser when it is there (it knows ssl3d's policy keys), else DeepSpeed's keys."""
     try:
-        from ssl3d.memory.checkpointing import CheckpointPolicy
+        from ssl3d.memory.activation_checkpointing import CheckpointPolicy
     except ImportError:
         problems: list[str] = []
         _check_keys(section, ACTIVATION_CHECKPOINTING_KEYS, "activation_checkpointing", problems)
@@ -613,7 +608,7 @@ def _fill_bucket_sizes(raw_zero: dict[str, Any], zero: dict[str, Any], cfg: Conf
     auto = [k for k in BUCKET_KNOBS if raw_zero.get(k) == "auto"]
     if not auto:
         return
-    from ssl3d.memory.estimate import count_parameters
+    from ssl3d.model.meta import count_parameters
 
     size = auto_bucket_size(count_parameters(cfg.model, cfg.ssl.contrastive_dim))
     for key in auto:
