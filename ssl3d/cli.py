@@ -375,10 +375,8 @@ def apply_memory_fit(cfg: Config, strategy: Any, budget: int) -> None:
     from ssl3d.memory.plan import estimator_setting, fit_memory
 
     assert strategy.ds_config is not None
-    setting = estimator_setting(cfg, strategy.ds_config, strategy.world_size)
-    for key in ("policy", "grad_cache_chunk"):
-        setting.pop(key)
-    fit = fit_memory(budget, device=strategy.device.type, **setting)
+    step, sharding = estimator_setting(cfg, strategy.ds_config, strategy.world_size)
+    fit = fit_memory(budget, step, device=strategy.device.type, **sharding)
     strategy.ds_config = dataclasses.replace(strategy.ds_config, activation_checkpointing=fit.policy)
     cfg.ssl.grad_cache_chunk = fit.grad_cache_chunk
     if strategy.is_main:
@@ -401,8 +399,8 @@ def parse_bytes(text: str, flag: str = "--budget") -> int:
         raise ConfigError(f"{flag}: got {text!r}, expected a size such as 32GiB, 80GB or 500MiB") from None
 
 
-def memory_setting(a: argparse.Namespace) -> dict[str, Any]:
-    """The run config and preset of ``ssl3d memory`` as the estimator's arguments."""
+def memory_setting(a: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The run config and preset of ``ssl3d memory`` as the estimator's arguments (step settings, sharding)."""
     from ssl3d.strategies.ds_config import load_ds_config
 
     cfg = build_config(a, demo=False)  # without a config: the reference-size run, not the CPU demo
@@ -423,31 +421,19 @@ def run_memory(a: argparse.Namespace) -> int:
 
     from ssl3d.memory.estimate import estimate_memory, format_estimate
 
-    setting = memory_setting(a)
+    step, sharding = memory_setting(a)
     if a.memory_cmd == "estimate":
-        est = estimate_memory(**setting, device=a.device)
+        est = estimate_memory(step, **sharding, device=a.device)
         print(est.to_json() if a.json else format_estimate(est))
     elif a.memory_cmd == "profile":
         from ssl3d.memory.profile import format_profile, profile_memory
 
-        keep = ("model", "roi", "batch_size", "num_samples", "precision", "policy", "fused_attention")
-        keep += ("grad_cache_chunk",)
-        result = profile_memory(**{k: setting[k] for k in keep}, steps=a.steps, snapshot_path=a.snapshot)
+        result = profile_memory(step, steps=a.steps, snapshot_path=a.snapshot)
         print(json.dumps(result, indent=2, default=str) if a.json else format_profile(result))
     else:
         from ssl3d.memory.plan import format_plan, plan_memory
 
-        plan = plan_memory(
-            parse_bytes(a.budget),
-            setting["model"],
-            roi=setting["roi"],
-            batch_size=setting["batch_size"],
-            num_samples=setting["num_samples"],
-            precision=setting["precision"],
-            fused_attention=setting["fused_attention"],
-            device=a.device,
-            plot_path=a.plot,
-        )
+        plan = plan_memory(parse_bytes(a.budget), step, device=a.device, plot_path=a.plot)
         print(json.dumps(plan, indent=2, default=str) if a.json else format_plan(plan))
     return 0
 

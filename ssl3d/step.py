@@ -19,7 +19,11 @@ from torch import Tensor, nn
 
 from ssl3d.config import ModelConfig
 
-__all__ = ["LocalBackend", "StepBackend", "StepSettings", "Task", "identity", "no_phase", "run_step"]
+__all__ = ["DTYPES", "LocalBackend", "StepBackend", "StepSettings", "Task", "identity", "no_phase", "run_step"]
+
+
+# The run's precision names (train.precision, the presets' bf16/fp16 sections) as compute dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ssl3d.config import ConfigError, ModelConfig
+from ssl3d.config import ConfigError, ModelConfig, OptimConfig
 from ssl3d.memory.activation_checkpointing import (
     CheckpointPolicy,
     apply_activation_checkpointing,
@@ -46,6 +46,10 @@ from ssl3d.memory.activation_checkpointing import (
     simulate_offload,
 )
 from ssl3d.model.meta import meta_model, model_key
+from ssl3d.optim import build_optimizer
+from ssl3d.ssl import SSLLoss, SSLViews
+from ssl3d.ssl.task import SSLTask
+from ssl3d.step import DTYPES, LocalBackend, StepSettings, no_phase, run_step
 
 __all__ = [
     "CATEGORIES",
@@ -57,6 +61,7 @@ __all__ = [
     "format_estimate",
     "make_step_inputs",
     "normalize_roi",
+    "step_settings",
     "trace_step",
     "training_step",
 ]
@@ -250,60 +255,16 @@ def training_step(
     autocast_dtype: torch.dtype | None = None,
     two_passes: bool = False,
     grad_cache_chunk: int = 0,
-    phase: Callable[[str], None] = lambda name: None,
+    phase: Callable[[str], None] = no_phase,
 ) -> Tensor:
-    """Forward (one batched pass over both views, or the reference's one pass per view), losses, backward, step.
-
-    ``grad_cache_chunk``: the trainer's contrastive gradient caching, that many views per forward/backward."""
-    device_type = inputs["corrupted"].device.type
-    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    if grad_cache_chunk and grad_cache_chunk < inputs["corrupted"].shape[0]:
-        from ssl3d.ssl import SSLViews
-        from ssl3d.ssl.grad_cache import grad_cached_backward
-
-        phase("forward")
-        views = SSLViews(inputs["views"], inputs["corrupted"], inputs["rot_labels"])
-        losses = grad_cached_backward(
-            model,
-            views,
-            loss_fn,
-            grad_cache_chunk,
-            lambda loss, last: (phase("backward"), loss.backward(), phase("forward")),
-            autocast=lambda: (
-                torch.autocast(device_type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            ),
-        )
-        phase("optimizer")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        phase("setup")
-        return losses["total"]
-    phase("forward")
-    with ctx:
-        x = inputs["corrupted"]
-        if two_passes:
-            half = x.shape[0] // 2
-            o1, o2 = model(x[:half]), model(x[half:])
-            rot = torch.cat([o1.rotation, o2.rotation])
-            emb = torch.cat([o1.contrastive, o2.contrastive])
-            rec = torch.cat([o1.reconstruction, o2.reconstruction])
-            del o1, o2
-        else:
-            out = model(x)
-            rot, emb, rec = out.rotation, out.contrastive, out.reconstruction
-            del out
-    losses = loss_fn(rot.float(), inputs["rot_labels"], emb.float(), rec.float(), inputs["views"])
-    del rot, emb, rec
-    total = losses["total"]
-    phase("backward")
-    total.backward()
-    phase("optimizer")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    phase("setup")
-    return total.detach()
+    """The trainer's step (``ssl3d.step.run_step`` with the SSL task) on ready-made inputs, on one process with plain
+    autograd: forward (one batched pass over both views, or the reference's one pass per view), losses, backward,
+    optimizer step. ``grad_cache_chunk``: contrastive gradient caching, that many views per forward/backward."""
+    views = SSLViews(inputs["views"], inputs["corrupted"], inputs["rot_labels"])
+    task = SSLTask(loss_fn, grad_cache_chunk=grad_cache_chunk, two_passes=two_passes)
+    backend = LocalBackend(optimizer, autocast_dtype, inputs["corrupted"].device.type)
+    losses, _ = run_step(model, task, [views], backend, phase=phase)
+    return losses[0]["total"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,43 +312,29 @@ class StepTrace:
 
 
 @functools.lru_cache(maxsize=256)
-def _trace_cached(
-    model_key: str,
-    contrastive_dim: int,
-    roi: tuple[int, int, int],
-    batch_size: int,
-    num_samples: int,
-    precision: str,
-    policy: CheckpointPolicy,
-    fused_attention: bool,
-    cuda: bool,
-    two_passes: bool,
-    grad_cache_chunk: int = 0,
-) -> StepTrace:
+def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
+    """``step`` without its model (``key`` names it): hashable, so traces are cached per configuration."""
     import time
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ssl3d.model.attention import apply_fused_attention
-    from ssl3d.ssl import SSLLoss
 
     t0 = time.perf_counter()
-    model = copy.deepcopy(meta_model(model_key, contrastive_dim))
+    model = copy.deepcopy(meta_model(key, step.contrastive_dim))
     units = _unit_sizes(model)
-    if fused_attention:
+    if step.fused_attention:
         apply_fused_attention(model)
-    apply_activation_checkpointing(model, policy, warn=False)
+    apply_activation_checkpointing(model, step.policy, warn=False)
     model.train()
     tracker = StorageTracker(round_bytes=CUDA_BLOCK if cuda else 1, workspace=None if cuda else cpu_conv_workspace())
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         model.to_empty(device="cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         # foreach (multi-tensor) AdamW is the CUDA default and the larger one in temporaries.
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, foreach=cuda)
-        inputs = make_step_inputs(roi, batch_size, num_samples, "cpu")
-        loss_fn = SSLLoss()
+        optimizer = build_optimizer(OptimConfig(), params, foreach=cuda)
+        inputs = make_step_inputs(step.roi, step.batch_size, step.num_samples, "cpu")
         with simulate_offload(tracker.host) if cuda else contextlib.nullcontext():
             # Steady state: the optimizer's states exist before the measured step (one step on zero gradients
             # creates them at a fraction of the cost of a traced training step).
@@ -411,10 +358,10 @@ def _trace_cached(
                     model,
                     optimizer,
                     inputs,
-                    loss_fn,
-                    autocast_dtype=dtype,
-                    two_passes=two_passes,
-                    grad_cache_chunk=grad_cache_chunk,
+                    SSLLoss(),
+                    autocast_dtype=DTYPES[step.precision],
+                    two_passes=step.two_passes,
+                    grad_cache_chunk=step.grad_cache_chunk,
                     phase=tracker.set_phase,
                 )
                 tracker.mark()
@@ -424,9 +371,47 @@ def _trace_cached(
     return StepTrace(events=events, units=units, param_bytes=param_bytes, seconds=time.perf_counter() - t0)
 
 
+def step_settings(
+    model: ModelConfig | StepSettings,
+    roi: int | Sequence[int] | None = None,
+    batch_size: int = 1,
+    num_samples: int = 2,
+    precision: str = "fp32",
+    policy: CheckpointPolicy | dict[str, Any] | str | None = None,
+    fused_attention: bool = True,
+    two_passes: bool = False,
+    contrastive_dim: int = 512,
+    grad_cache_chunk: int = 0,
+) -> StepSettings:
+    """Checked ``StepSettings`` (ROI and policy normalised); ``model`` may already be settings (then the rest is
+    ignored). Raises ``ConfigError`` naming what is wrong."""
+    if not isinstance(model, StepSettings):
+        if roi is None:
+            raise ConfigError("roi: missing; give the crop size, e.g. 96")
+        model = StepSettings(
+            model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
+            grad_cache_chunk,
+        )  # fmt: skip
+    s = model
+    if s.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f'precision: got "{s.precision}", expected fp32, bf16 or fp16')
+    if s.batch_size < 1 or s.num_samples < 1:
+        raise ConfigError(f"batch_size/num_samples: got {s.batch_size}/{s.num_samples}, expected at least 1 each")
+    return dataclasses.replace(
+        s,
+        roi=normalize_roi(s.roi),
+        policy=as_policy(s.policy),
+        batch_size=int(s.batch_size),
+        num_samples=int(s.num_samples),
+        fused_attention=bool(s.fused_attention),
+        two_passes=bool(s.two_passes),
+        grad_cache_chunk=int(s.grad_cache_chunk),
+    )
+
+
 def trace_step(
-    model: ModelConfig,
-    roi: int | Sequence[int],
+    model: ModelConfig | StepSettings,
+    roi: int | Sequence[int] | None = None,
     batch_size: int = 1,
     num_samples: int = 2,
     precision: str = "fp32",
@@ -437,26 +422,14 @@ def trace_step(
     contrastive_dim: int = 512,
     grad_cache_chunk: int = 0,
 ) -> StepTrace:
-    """Trace one unsharded training step (cached per configuration)."""
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f'precision: got "{precision}", expected fp32, bf16 or fp16')
+    """Trace one unsharded training step (cached per configuration); ``model`` may be ``StepSettings``."""
     if device not in ("cuda", "cpu"):
         raise ConfigError(f'device: got "{device}", expected "cuda" or "cpu" (the target the estimate is for)')
-    if batch_size < 1 or num_samples < 1:
-        raise ConfigError(f"batch_size/num_samples: got {batch_size}/{num_samples}, expected at least 1 each")
-    return _trace_cached(
-        model_key(model),
-        contrastive_dim,
-        normalize_roi(roi),
-        int(batch_size),
-        int(num_samples),
-        precision,
-        as_policy(policy),
-        bool(fused_attention),
-        device == "cuda",
-        bool(two_passes),
-        int(grad_cache_chunk),
-    )
+    s = step_settings(
+        model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
+        grad_cache_chunk,
+    )  # fmt: skip
+    return _trace_cached(model_key(s.model), dataclasses.replace(s, model=None), device == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -614,8 +587,8 @@ def _rank_bytes(
 
 
 def estimate_memory(
-    model: ModelConfig,
-    roi: int | Sequence[int],
+    model: ModelConfig | StepSettings,
+    roi: int | Sequence[int] | None = None,
     batch_size: int = 1,
     num_samples: int = 2,
     precision: str = "fp32",
@@ -636,26 +609,21 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Predicted peak memory per rank of one step (forward, backward, AdamW step), without the device.
 
-    ``batch_size`` volumes x ``num_samples`` crops per rank, two views each. ``device="cuda"``: tensor bytes
-    rounded as the caching allocator does, + ``fragmentation`` headroom rounded to 2 MiB segments, + the CUDA
-    context (``runtime_bytes``, default 0.5 GiB). ``"cpu"``: tensor bytes + a oneDNN convolution workspace model +
-    ``runtime_bytes`` (default 96 MiB), comparable with the peak RSS growth ``profile_memory`` measures.
-    ``two_passes`` reproduces the reference (one forward per view); ``grad_cache_chunk`` the trainer's contrastive
-    gradient caching (``ssl.grad_cache_chunk`` views per forward/backward).
+    The step is ``model`` as ``StepSettings`` (what callers inside ssl3d pass), or a ``ModelConfig`` with the
+    step's settings as arguments: ``batch_size`` volumes x ``num_samples`` crops per rank, two views each.
+    ``device="cuda"``: tensor bytes rounded as the caching allocator does, + ``fragmentation`` headroom rounded to
+    2 MiB segments, + the CUDA context (``runtime_bytes``, default 0.5 GiB). ``"cpu"``: tensor bytes + a oneDNN
+    convolution workspace model + ``runtime_bytes`` (default 96 MiB), comparable with the peak RSS growth
+    ``profile_memory`` measures. ``two_passes`` reproduces the reference (one forward per view);
+    ``grad_cache_chunk`` the trainer's contrastive gradient caching (``ssl.grad_cache_chunk`` views per
+    forward/backward).
     """
-    trace = trace_step(
-        model,
-        roi,
-        batch_size,
-        num_samples,
-        precision,
-        policy,
-        fused_attention,
-        device,
-        two_passes,
-        contrastive_dim,
+    step = step_settings(
+        model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
         grad_cache_chunk,
-    )
+    )  # fmt: skip
+    trace = trace_step(step, device=device)
+    precision = step.precision
     cols, notes = _rank_bytes(
         trace,
         strategy,
@@ -683,22 +651,21 @@ def estimate_memory(
     breakdown["reserved"] = reserved
     breakdown["runtime"] = runtime
     breakdown["total"] = reserved + runtime
-    pol = as_policy(policy)
     config = {
-        "model": dataclasses.asdict(model),
-        "roi": list(normalize_roi(roi)),
-        "batch_size": batch_size,
-        "num_samples": num_samples,
-        "precision": precision,
-        "policy": pol.label,
-        "fused_attention": fused_attention,
+        "model": dataclasses.asdict(step.model),
+        "roi": list(step.roi),
+        "batch_size": step.batch_size,
+        "num_samples": step.num_samples,
+        "precision": step.precision,
+        "policy": step.policy.label,
+        "fused_attention": step.fused_attention,
         "strategy": strategy,
         "world_size": world_size,
         "offload_optimizer": offload_optimizer,
         "offload_params": offload_params,
         "device": device,
-        "two_passes": two_passes,
-        "grad_cache_chunk": grad_cache_chunk,
+        "two_passes": step.two_passes,
+        "grad_cache_chunk": step.grad_cache_chunk,
         "parameters_count": trace.units["total"],
         "trace_seconds": round(trace.seconds, 2),
     }

@@ -7,6 +7,7 @@ with ROI and batch, so both searches are binary searches over the candidates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from typing import Any
 
 from ssl3d.config import ConfigError, ModelConfig
 from ssl3d.memory.activation_checkpointing import CheckpointPolicy, as_policy
-from ssl3d.memory.estimate import GIB, STRATEGIES, estimate_memory, normalize_roi
+from ssl3d.memory.estimate import GIB, STRATEGIES, estimate_memory, normalize_roi, step_settings
+from ssl3d.step import StepSettings
+
+STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(StepSettings))
 
 __all__ = ["DEFAULT_LADDER", "MemoryFit", "fit_memory", "format_plan", "plan_memory", "plot_memory_vs_roi"]
 
@@ -45,7 +49,7 @@ def _search_largest(candidates: Sequence[int], fits) -> int | None:  # type: ign
 
 def plan_memory(
     budget_bytes: int,
-    model: ModelConfig,
+    model: ModelConfig | StepSettings,
     roi: int | Sequence[int] | None = None,
     batch_size: int = 1,
     num_samples: int = 2,
@@ -78,22 +82,19 @@ def plan_memory(
     for s in strategies:
         if s not in STRATEGIES:
             raise ConfigError(f'strategies: got "{s}", expected some of {", ".join(STRATEGIES)}')
+    if isinstance(model, StepSettings):  # the step as the run configures it
+        step = model
+        model, roi, batch_size, num_samples = step.model, step.roi, step.batch_size, step.num_samples
+        precision, fused_attention = step.precision, step.fused_attention
+    else:
+        step = StepSettings(model, roi or 64, batch_size, num_samples, precision, None, fused_attention)
     roi3 = normalize_roi(roi) if roi is not None else None
     rois = [r for r in range(64, max_roi + 1, 32)]
 
     def total(strategy: str, ws: int, r: int | tuple[int, int, int], batch: int, policy: CheckpointPolicy) -> int:
+        setting = dataclasses.replace(step, roi=r, batch_size=batch, policy=policy, grad_cache_chunk=0)
         return estimate_memory(
-            model,
-            r,
-            batch,
-            num_samples,
-            precision,
-            policy,
-            fused_attention,
-            strategy=strategy,
-            world_size=ws,
-            device=device,
-            offload_optimizer=offload_optimizer,
+            setting, strategy=strategy, world_size=ws, device=device, offload_optimizer=offload_optimizer
         ).total
 
     rows = []
@@ -161,31 +162,32 @@ class MemoryFit:
         )
 
 
-def estimator_setting(cfg: Any, ds: Any, world_size: int) -> dict[str, Any]:
-    """A run config and its resolved preset as the estimator's arguments (strategy, world size, offload, policy)."""
+def estimator_setting(cfg: Any, ds: Any, world_size: int) -> tuple[StepSettings, dict[str, Any]]:
+    """A run config and its resolved preset as the estimator's arguments: the step's settings, and how ranks share
+    it (strategy, world size, offload, bucket size)."""
     strategy = {"deepspeed": f"zero{ds.zero_stage}" if ds.zero_stage else "ddp", "fairscale": "zero1"}.get(
         ds.strategy, ds.strategy
     )
-    policy = ds.activation_checkpointing or ({"policy": "full"} if cfg.model.use_checkpoint else None)
-    return {
-        "model": cfg.model,
-        "roi": cfg.data.roi,
-        "batch_size": cfg.train.batch_size,
-        "num_samples": cfg.data.num_samples,
-        "precision": ds.precision,
-        "policy": policy,
-        "fused_attention": cfg.model.fused_attention,
+    step = StepSettings(
+        model=cfg.model,
+        roi=tuple(cfg.data.roi),
+        batch_size=cfg.train.batch_size,
+        num_samples=cfg.data.num_samples,
+        precision=ds.precision,
+        policy=ds.activation_checkpointing or ({"policy": "full"} if cfg.model.use_checkpoint else None),
+        fused_attention=cfg.model.fused_attention,
+        contrastive_dim=cfg.ssl.contrastive_dim,
+        grad_cache_chunk=cfg.ssl.grad_cache_chunk,
+    )
+    zero = (ds.deepspeed or {}).get("zero_optimization", {})
+    sharding = {
         "strategy": "single" if strategy == "single" and world_size == 1 else strategy,
         "world_size": world_size,
         "offload_optimizer": ds.offload_optimizer.enabled or ds.fsdp.cpu_offload,
         "offload_params": ds.offload_param.enabled or ds.fsdp.cpu_offload,
-        "grad_cache_chunk": cfg.ssl.grad_cache_chunk,
-        **(
-            {"reduce_bucket_size": int(zero["reduce_bucket_size"])}
-            if "reduce_bucket_size" in (zero := (ds.deepspeed or {}).get("zero_optimization", {}))
-            else {}
-        ),
+        **({"reduce_bucket_size": int(zero["reduce_bucket_size"])} if "reduce_bucket_size" in zero else {}),
     }
+    return step, sharding
 
 
 def out_of_memory_help(cfg: Any, strategy: Any) -> str:
@@ -212,17 +214,16 @@ def out_of_memory_help(cfg: Any, strategy: Any) -> str:
     except Exception:  # noqa: BLE001 - advice only
         setting = None
     if setting is not None:
+        step, sharding = setting
         device = strategy.device.type
         try:
-            est = estimate_memory(**setting, device=device).total
+            est = estimate_memory(step, **sharding, device=device).total
             parts.append(f"the estimate for this run is {est / GIB:.2f} GiB per rank")
         except Exception:  # noqa: BLE001 - advice only
             pass
         if capacity:
-            for key in ("policy", "grad_cache_chunk"):
-                setting.pop(key)
             try:
-                fit = fit_memory(capacity, device=device, **setting)
+                fit = fit_memory(capacity, step, device=device, **sharding)
                 parts.append(f"--fit-memory {capacity / GIB:.0f}GiB would use {fit.describe(capacity)}")
             except ConfigError as err:
                 parts.append(str(err).replace("--fit-memory: ", "the planner: "))
@@ -234,10 +235,10 @@ def out_of_memory_help(cfg: Any, strategy: Any) -> str:
 
 def fit_memory(
     budget_bytes: int,
-    model: ModelConfig,
-    roi: int | Sequence[int],
-    batch_size: int,
-    num_samples: int,
+    model: ModelConfig | StepSettings,
+    roi: int | Sequence[int] | None = None,
+    batch_size: int = 1,
+    num_samples: int = 2,
     *,
     ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
     **estimate_kwargs: Any,
@@ -250,6 +251,10 @@ def fit_memory(
     """
     if budget_bytes <= 0:
         raise ConfigError(f"--fit-memory: got {budget_bytes} bytes, expected a positive size such as 32GiB")
+    # The step's own settings (its policy and chunk are what this chooses); the rest says how ranks share it.
+    own = {k: estimate_kwargs.pop(k) for k in list(estimate_kwargs) if k in STEP_FIELDS}
+    step = step_settings(model, roi, batch_size, num_samples, **own)
+    roi, batch_size, num_samples = step.roi, step.batch_size, step.num_samples
     rows = 2 * batch_size * num_samples  # views per micro-batch
     chunks = [0]
     c = rows // 2
@@ -266,10 +271,8 @@ def fit_memory(
     def total(section: dict[str, Any], chunk: int) -> int:
         nonlocal tried
         tried += 1
-        policy = as_policy(section)
-        return estimate_memory(
-            model, roi, batch_size, num_samples, policy=policy, grad_cache_chunk=chunk, **estimate_kwargs
-        ).total
+        setting = dataclasses.replace(step, policy=as_policy(section), grad_cache_chunk=chunk)
+        return estimate_memory(setting, **estimate_kwargs).total
 
     # Peak memory is not monotone along the ladder (recomputation has temporaries of its own; for small models the
     # decoder can dominate), so every rung is estimated in order, cheapest first; traces are cached.
@@ -286,7 +289,7 @@ def fit_memory(
         list(range(64, max(normalize_roi(roi)), 32)),
         lambda r: (
             estimate_memory(
-                model, r, batch_size, num_samples, policy=as_policy(last_section), grad_cache_chunk=1, **estimate_kwargs
+                dataclasses.replace(step, roi=r, policy=as_policy(last_section), grad_cache_chunk=1), **estimate_kwargs
             ).total
             <= budget_bytes
         ),

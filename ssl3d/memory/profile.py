@@ -27,18 +27,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.config import ModelConfig
-from ssl3d.memory.activation_checkpointing import CheckpointPolicy, apply_activation_checkpointing, as_policy
+from ssl3d.config import ModelConfig, OptimConfig
+from ssl3d.memory.activation_checkpointing import CheckpointPolicy, apply_activation_checkpointing
 from ssl3d.memory.estimate import (
     CATEGORIES,
     GIB,
     StorageTracker,
     estimate_memory,
     make_step_inputs,
-    normalize_roi,
+    step_settings,
     training_step,
 )
+from ssl3d.optim import build_optimizer
 from ssl3d.rss import current_rss_bytes, peak_rss_bytes
+from ssl3d.step import DTYPES, StepSettings
 
 __all__ = ["profile_in_subprocess", "profile_memory"]
 
@@ -109,8 +111,8 @@ def _cuda_module_peaks(model: nn.Module, dev: torch.device) -> tuple[dict[str, d
 
 
 def profile_memory(
-    model: ModelConfig,
-    roi: int | Sequence[int],
+    model: ModelConfig | StepSettings,
+    roi: int | Sequence[int] | None = None,
     batch_size: int = 1,
     num_samples: int = 2,
     precision: str = "fp32",
@@ -136,8 +138,9 @@ def profile_memory(
     from ssl3d.model.attention import apply_fused_attention
     from ssl3d.ssl import SSLLoss
 
-    roi3 = normalize_roi(roi)
-    pol = as_policy(policy)
+    step_cfg = step_settings(
+        model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, 512, grad_cache_chunk
+    )  # ``model`` may be the StepSettings themselves
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(
@@ -146,21 +149,21 @@ def profile_memory(
     cuda = dev.type == "cuda"
     rss_baseline = current_rss_bytes()
     torch.manual_seed(seed)
-    net = build_model(model).to(dev)
-    if fused_attention:
+    net = build_model(step_cfg.model, step_cfg.contrastive_dim).to(dev)
+    if step_cfg.fused_attention:
         apply_fused_attention(net)
-    apply_activation_checkpointing(net, pol)
+    apply_activation_checkpointing(net, step_cfg.policy)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-    inputs = make_step_inputs(roi3, batch_size, num_samples, dev)
+    optimizer = build_optimizer(OptimConfig(), params)
+    inputs = make_step_inputs(step_cfg.roi, step_cfg.batch_size, step_cfg.num_samples, dev)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for v in inputs.values():
         if v.is_floating_point():
             v.copy_(torch.rand(v.shape, generator=gen))
     inputs["rot_labels"].copy_(torch.randint(0, 4, inputs["rot_labels"].shape, generator=gen))
     loss_fn = SSLLoss()
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[step_cfg.precision]
     measured: dict[str, Any] = {}
     times: list[float] = []
 
@@ -174,8 +177,8 @@ def profile_memory(
             inputs,
             loss_fn,
             autocast_dtype=dtype,
-            two_passes=two_passes,
-            grad_cache_chunk=grad_cache_chunk,
+            two_passes=step_cfg.two_passes,
+            grad_cache_chunk=step_cfg.grad_cache_chunk,
             phase=phase,
         )
         if cuda:
@@ -237,15 +240,15 @@ def profile_memory(
     result: dict[str, Any] = {
         "device": str(dev) if not cuda else torch.cuda.get_device_name(dev),
         "config": {
-            "model": dataclasses.asdict(model),
-            "roi": list(roi3),
-            "batch_size": batch_size,
-            "num_samples": num_samples,
-            "precision": precision,
-            "policy": pol.label,
-            "fused_attention": fused_attention,
-            "two_passes": two_passes,
-            "grad_cache_chunk": grad_cache_chunk,
+            "model": dataclasses.asdict(step_cfg.model),
+            "roi": list(step_cfg.roi),
+            "batch_size": step_cfg.batch_size,
+            "num_samples": step_cfg.num_samples,
+            "precision": step_cfg.precision,
+            "policy": step_cfg.policy.label,
+            "fused_attention": step_cfg.fused_attention,
+            "two_passes": step_cfg.two_passes,
+            "grad_cache_chunk": step_cfg.grad_cache_chunk,
             "steps": steps,
         },
         "measured": measured,
@@ -253,18 +256,7 @@ def profile_memory(
         "step_time_s": times,
     }
     if with_estimate:
-        est = estimate_memory(
-            model,
-            roi3,
-            batch_size,
-            num_samples,
-            precision,
-            pol,
-            fused_attention,
-            device="cuda" if cuda else "cpu",
-            two_passes=two_passes,
-            grad_cache_chunk=grad_cache_chunk,
-        )
+        est = estimate_memory(step_cfg, device="cuda" if cuda else "cpu")
         result["estimate"] = est.to_dict()
         # CUDA: tensor bytes against max_memory_allocated; CPU: everything against the RSS growth.
         if cuda:

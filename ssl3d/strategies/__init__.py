@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ssl3d.config import Config
+from ssl3d.step import DTYPES
 from ssl3d.strategies.base import Strategy, clean_name, resolve_device, resolve_precision, to_cpu_fp32
 from ssl3d.strategies.ddp import DDPStrategy
 from ssl3d.strategies.deepspeed import DeepSpeedStrategy, read_zero_weights
@@ -26,7 +27,6 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "deepspeed": DeepSpeedStrategy,
     "fairscale": FairscaleStrategy,
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 

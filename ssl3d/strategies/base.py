@@ -21,6 +21,7 @@ from torch import nn
 
 from ssl3d.config import ConfigError
 from ssl3d.rss import peak_rss_bytes
+from ssl3d.step import DTYPES
 from ssl3d.strategies.precision import LossScaleWatch, StepResult  # VmHWM: ru_maxrss can carry a parent's peak
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return DTYPES[precision]
 
 
 # What each backend writes into a checkpoint folder; one layout per family, so errors can say what a folder holds.
