@@ -14,7 +14,7 @@ from ssl3d.step import DTYPES
 from ssl3d.strategies.base import Strategy, clean_name, resolve_device, resolve_precision, to_cpu_fp32
 from ssl3d.strategies.ddp import DDPStrategy
 from ssl3d.strategies.deepspeed import DeepSpeedStrategy, read_zero_weights
-from ssl3d.strategies.distributed import dist_env, init_distributed
+from ssl3d.strategies.distributed import backend_for, dist_env, init_distributed
 from ssl3d.strategies.ds_config import DSConfig, load_ds_config
 from ssl3d.strategies.fairscale import FairscaleStrategy
 from ssl3d.strategies.fsdp import FSDPStrategy, read_dcp_weights
@@ -33,7 +33,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 def strategy_from_ds_config(ds: DSConfig, device: torch.device) -> Strategy:
     """The backend a resolved preset names, on ``device``; joins the process group when the backend needs one."""
     if ds.strategy != "single":
-        init_distributed("nccl" if device.type == "cuda" else "gloo")
+        init_distributed(backend_for(device))
     return STRATEGIES[ds.strategy](device, DTYPES[ds.precision], grad_accum=ds.grad_accum, ds_config=ds)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ssl3d.config import ConfigError
 from ssl3d.rss import peak_rss_bytes
 from ssl3d.step import DTYPES
+from ssl3d.strategies.distributed import is_distributed
 from ssl3d.strategies.precision import LossScaleWatch, StepResult  # VmHWM: ru_maxrss can carry a parent's peak
 
 if TYPE_CHECKING:
@@ -218,11 +219,11 @@ class Strategy(ABC):
 
     # -- collectives (no-ops on one process) ---------------------------------------------------------------
     def barrier(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             torch.distributed.barrier()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
 
@@ -233,7 +234,7 @@ class Strategy(ABC):
     def max_over_ranks(self, values: list[float]) -> list[float]:
         """Each value's maximum over all ranks, on every rank (one small all-reduce): how ranks agree at a step
         boundary on a preemption signal that reached only one of them, or on a checkpoint that is due."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -241,11 +242,23 @@ class Strategy(ABC):
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (e.g. the checkpoint it verified)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             return obj
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Per-rank counters summed over ranks, on every rank (a copy on one process)."""
+        if not is_distributed():
+            return dict(counts)
+        gathered: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, counts)
+        merged: dict[str, int] = {}
+        for part in gathered:
+            for key, n in part.items():
+                merged[key] = merged.get(key, 0) + n
+        return merged
 
     def gather_embeddings(self, t: torch.Tensor) -> torch.Tensor:
         """All ranks' rows of ``t`` ([N, E] -> [world x N, E]) with gradients, when ``gather_contrastive`` is on.
@@ -255,7 +268,7 @@ class Strategy(ABC):
         local rows over ranks and the data-parallel average divides by the world size, which gives exactly the
         global loss's gradient. Off (or on one process): returns ``t`` unchanged.
         """
-        if not self.gather_contrastive or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not self.gather_contrastive or not is_distributed():
             return t
         if torch.distributed.get_world_size() == 1:
             return t
@@ -273,5 +286,5 @@ class Strategy(ABC):
         return out
 
     def teardown(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             torch.distributed.destroy_process_group()

@@ -44,7 +44,7 @@ from ssl3d.strategies.base import (
     save_extra,
     to_cpu_fp32,
 )
-from ssl3d.strategies.distributed import init_distributed
+from ssl3d.strategies.distributed import backend_for, init_distributed, is_distributed
 from ssl3d.strategies.single import match_names
 
 CHECKPOINT_TAG = "deepspeed"
@@ -95,8 +95,8 @@ class DeepSpeedStrategy(Strategy):
         if self.ds_config is None:
             raise ValueError("DeepSpeedStrategy needs a resolved ds_config (ds_config.resolve_ds_config)")
         deepspeed = import_deepspeed()
-        init_distributed("nccl" if self.device.type == "cuda" else "gloo")
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        init_distributed(backend_for(self.device))
+        deepspeed.init_distributed(dist_backend=backend_for(self.device))
         config = dict(self.ds_config.deepspeed)
         self.stage = self.ds_config.zero_stage
         if self.stage == 0 and self.ds_config.precision == "bf16" and self.is_main:
@@ -243,7 +243,7 @@ class DeepSpeedStrategy(Strategy):
                 convert_to_universal(directory)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 error = str(exc)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             box = [error]
             torch.distributed.broadcast_object_list(box, src=0)  # also the barrier after the conversion
             error = box[0]

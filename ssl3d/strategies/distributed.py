@@ -39,9 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_backend() -> str:
-    """nccl when this process drives a GPU, gloo on the CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def backend_for(device: torch.device | str) -> str:
+    """The collective backend torch pairs with a device type: nccl for CUDA, gloo on the CPU."""
+    return dist.Backend.default_device_backend_map[torch.device(device).type]
 
 
 def init_distributed(backend: str | None = None) -> DistEnv:
@@ -63,7 +63,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
             f"distributed run (WORLD_SIZE={env.world_size}) without {', '.join(missing)}: "
             "start it with torchrun or the deepspeed launcher, which set them"
         )
-    backend = backend or default_backend()
+    backend = backend or backend_for("cuda" if torch.cuda.is_available() else "cpu")
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_attempt_store(env))
@@ -92,4 +92,5 @@ def _attempt_store(env: DistEnv) -> dist.Store | None:
 
 
 def is_distributed() -> bool:
+    """Whether a process group exists (collectives are no-ops without one)."""
     return dist.is_available() and dist.is_initialized()
