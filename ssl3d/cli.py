@@ -342,6 +342,51 @@ def run_data_check(a: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``ssl3d data prepare SRC DST``."""
+    from ssl3d.data.prepare import DEFAULT_MIN_SLICES, DEFAULT_SPACING_TOLERANCE
+
+    p.add_argument("src", help="folder tree of DICOM series, NIfTI, NRRD and MetaImage (.mha/.mhd) files")
+    p.add_argument("dst", help="output folder: images/, dataset.json, prepare_report.json")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of patient folders held out (0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (0)")
+    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: CPUs, up to 8)")
+    p.add_argument("--min-slices", type=int, default=DEFAULT_MIN_SLICES, help="skip shorter DICOM series")
+    p.add_argument(
+        "--spacing-tolerance",
+        type=float,
+        default=DEFAULT_SPACING_TOLERANCE,
+        help="allowed deviation of a slice gap from the median, as a fraction (0.05)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_prepare(a: argparse.Namespace) -> int:
+    """``ssl3d data prepare``: convert, print a summary, and the first few skip reasons."""
+    import re
+    from collections import defaultdict
+
+    from ssl3d.data.prepare import prepare_dataset
+
+    report = prepare_dataset(
+        a.src,
+        a.dst,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+        workers=a.workers,
+        min_slices=a.min_slices,
+        spacing_tolerance=a.spacing_tolerance,
+        progress=not a.no_progress,
+    )
+    print(f"ssl3d: {report.summary()}")
+    reasons: dict[str, int] = defaultdict(int)
+    for s in report.skipped:
+        reasons[re.sub(r"\d+(\.\d+)?", "N", s["reason"])] += 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  skipped {n:6d} x {reason}")
+    return 0
+
+
 def run_data(a: argparse.Namespace) -> int:
     if a.data_cmd == "samples":
         from ssl3d.data.samples import fetch_samples
@@ -349,8 +394,6 @@ def run_data(a: argparse.Namespace) -> int:
         path = fetch_samples(Path(a.dir))
         print(f"ssl3d: smoke-test CT samples and their datalist: {path}")
     elif a.data_cmd == "prepare":
-        from ssl3d.data.prepare import run_prepare
-
         return run_prepare(a)
     elif a.data_cmd == "cache":
         from ssl3d.data.prepcache import build_prepcache
@@ -479,8 +522,6 @@ def make_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("samples", help="fetch real public CT smoke-test samples from PyPI sdists, as NIfTI")
     s.add_argument("dir")
-    from ssl3d.data.prepare import add_prepare_arguments
-
     add_prepare_arguments(
         dsub.add_parser("prepare", help="convert DICOM series / NIfTI / NRRD / MetaImage to NIfTI plus a datalist")
     )

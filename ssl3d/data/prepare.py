@@ -18,14 +18,12 @@ every epoch is slow. ``prepare_dataset`` does the sorting once, in parallel and 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing
 import os
 import re
 import shutil
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -35,6 +33,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from ssl3d.data.readers import LPS_TO_RAS, read_dicom_series, read_metaimage, read_metaimage_header, read_nrrd
 
 IMAGE_DIR = "images"
 DATALIST_NAME = "dataset.json"
@@ -58,7 +58,6 @@ RAW_DATA_SUFFIXES = frozenset({".raw", ".zraw", ".img", ".dat"})
 _NIFTI = (".nii.gz", ".nii")
 _NRRD = (".nrrd", ".nhdr")
 _METAIMAGE = (".mha", ".mhd")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM, NRRD-LPS and MetaImage worlds are LPS; NIfTI's is RAS
 
 
 @dataclass
@@ -529,7 +528,7 @@ def _check_series(members: list[tuple[str, dict[str, Any]]], min_slices: int, to
     affine[:3, 1] = col * pix[0][0]  # array axis 1 runs down a column: the row index, PixelSpacing[0] apart
     affine[:3, 2] = stepvec
     affine[:3, 3] = pos[0]
-    affine = _LPS_TO_RAS @ affine
+    affine = LPS_TO_RAS @ affine
     rows, cols = sizes[0]
     return {
         "files": [slices[i][0] for i in order],
@@ -550,12 +549,12 @@ def _convert_task(task: dict[str, Any]) -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
         kind = task["kind"]
         if kind == "dicom":
-            data, affine = _read_dicom_series([src / f for f in task["plan"]["files"]], task["plan"])
+            data, affine = read_dicom_series([src / f for f in task["plan"]["files"]], task["plan"])
             facts = _write_volume(data, affine, out)
         elif kind == "nifti":
             facts = _copy_nifti(src / task["files"][0], out)
         elif kind == "nrrd":
-            data, affine = _read_nrrd(src / task["files"][0])
+            data, affine = read_nrrd(src / task["files"][0])
             facts = _write_volume(data, affine, out)
         elif kind == "metaimage":
             data, affine = read_metaimage(src / task["files"][0])
@@ -568,43 +567,6 @@ def _convert_task(task: dict[str, Any]) -> dict[str, Any]:
     if task["kind"] == "dicom" and task["plan"].get("notes"):
         facts["notes"] = task["plan"]["notes"]
     return facts
-
-
-def _read_dicom_series(paths: list[Path], plan: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack the sorted slices into HU ([columns, rows, slices]); int16 while every slice fits it."""
-    import pydicom
-
-    cols, rows, n = plan["shape"]
-    vol: np.ndarray = np.empty((rows, cols, n), dtype=np.int16)  # [row, column, slice], transposed at the end
-    for k, p in enumerate(paths):
-        ds = pydicom.dcmread(p)
-        px = ds.pixel_array
-        if px.shape != (rows, cols):
-            raise ValueError(f"{p.name}: pixel array {px.shape}, expected {(rows, cols)}")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if vol.dtype == np.int16 and slope.is_integer() and intercept.is_integer():
-            hu = px.astype(np.int32) * int(slope) + int(intercept)
-            if hu.min() >= -32768 and hu.max() <= 32767:
-                vol[:, :, k] = hu
-                continue
-        if vol.dtype != np.float32:
-            vol = vol.astype(np.float32)  # a fractional rescale or a huge value: float for the whole volume
-        vol[:, :, k] = px.astype(np.float64) * slope + intercept
-    return vol.transpose(1, 0, 2), np.asarray(plan["affine"], dtype=np.float64)
-
-
-def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        import nrrd
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading NRRD needs pynrrd: pip install pynrrd") from exc
-    from ssl3d.data.samples import nrrd_affine
-
-    data, header = nrrd.read(str(path), index_order="F")
-    if data.ndim != 3:
-        raise ValueError(f"{data.ndim}D NRRD; expected a 3D scalar image")
-    return data, nrrd_affine(header)
 
 
 def _narrow(data: np.ndarray) -> np.ndarray:
@@ -778,118 +740,6 @@ def _split(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MetaImage (.mha / .mhd), read with numpy: MONAI's ITKReader needs itk, which is a heavy dependency
-
-_MET_TYPES = {
-    "MET_CHAR": "i1",
-    "MET_UCHAR": "u1",
-    "MET_SHORT": "i2",
-    "MET_USHORT": "u2",
-    "MET_INT": "i4",
-    "MET_UINT": "u4",
-    "MET_LONG": "i4",
-    "MET_ULONG": "u4",
-    "MET_LONG_LONG": "i8",
-    "MET_ULONG_LONG": "u8",
-    "MET_FLOAT": "f4",
-    "MET_DOUBLE": "f8",
-}
-_MAX_HEADER = 1 << 16
-
-
-def read_metaimage_header(path: Path | str) -> tuple[dict[str, str], int]:
-    """``key = value`` fields up to ElementDataFile (always the last), and the byte offset where data starts."""
-    fields: dict[str, str] = {}
-    offset = 0
-    with open(path, "rb") as f:
-        while True:
-            raw = f.readline(_MAX_HEADER)
-            if not raw:
-                raise ValueError("no ElementDataFile field: not a MetaImage header")
-            offset += len(raw)
-            if offset > _MAX_HEADER:
-                raise ValueError(f"no ElementDataFile field in the first {_MAX_HEADER} bytes: not a MetaImage header")
-            line = raw.decode("latin-1").strip()
-            if not line:
-                continue
-            if "=" not in line:
-                raise ValueError(f"line {line[:40]!r} is not 'key = value': not a MetaImage header")
-            key, value = (s.strip() for s in line.split("=", 1))
-            fields[key] = value
-            if key == "ElementDataFile":
-                return fields, offset
-
-
-def read_metaimage(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """A 3D MetaImage as (array [x, y, z], voxel-to-RAS affine); raw or zlib-compressed, local or detached.
-
-    MetaImage's world is ITK's LPS; ``TransformMatrix`` lists the direction of each array axis in turn (ITK's
-    MetaImageIO reads consecutive triples as axis directions). ``AnatomicalOrientation`` is informational
-    and ignored, as ITK does.
-    """
-    path = Path(path)
-    fields, offset = read_metaimage_header(path)
-
-    def get(*names: str, default: str | None = None) -> str | None:
-        for n in names:
-            if n in fields:
-                return fields[n]
-        return default
-
-    def numbers(text: str | None, n: int, what: str) -> list[float]:
-        try:
-            vals = [float(v) for v in (text or "").split()]
-        except ValueError:
-            vals = []
-        if len(vals) != n:
-            raise ValueError(f"{what} = {text!r}: expected {n} numbers")
-        return vals
-
-    ndims = int(get("NDims", default="0") or 0)
-    dims = [int(v) for v in numbers(get("DimSize"), ndims, "DimSize")] if ndims else []
-    if ndims == 4 and dims[3] == 1:
-        ndims, dims = 3, dims[:3]
-    if ndims != 3:
-        raise ValueError(f"NDims = {get('NDims')}: expected a 3D image")
-    if int(get("ElementNumberOfChannels", default="1") or 1) != 1:
-        raise ValueError("ElementNumberOfChannels > 1: expected a scalar image")
-    etype = get("ElementType", default="")
-    if etype not in _MET_TYPES:
-        raise ValueError(f"ElementType = {etype}: expected one of {', '.join(_MET_TYPES)}")
-    msb = (get("BinaryDataByteOrderMSB", "ElementByteOrderMSB", default="False") or "").lower() == "true"
-    dtype = np.dtype(_MET_TYPES[etype]).newbyteorder(">" if msb else "<")
-    spacing = numbers(get("ElementSpacing", "ElementSize", default="1 1 1"), 3, "ElementSpacing")
-    origin = numbers(get("Offset", "Position", "Origin", default="0 0 0"), 3, "Offset")
-    matrix = numbers(
-        get("TransformMatrix", "Rotation", "Orientation", default="1 0 0 0 1 0 0 0 1"), 9, "TransformMatrix"
-    )
-    compressed = (get("CompressedData", default="False") or "").lower() == "true"
-    name = get("ElementDataFile", default="LOCAL") or "LOCAL"
-    if name.upper() == "LIST" or "%" in name or " " in name:
-        raise ValueError(f"ElementDataFile = {name}: one volume split over several files is not supported")
-    local = name.upper() == "LOCAL"
-    data_path = path if local else path.parent / name
-    count = int(np.prod(dims))
-    if compressed:
-        raw = data_path.read_bytes()[offset if local else 0 :]
-        raw = zlib.decompress(raw, zlib.MAX_WBITS | 32)  # zlib or gzip stream
-        flat = np.frombuffer(raw, dtype=dtype, count=count)
-    else:
-        start = offset if local else int(get("HeaderSize", default="0") or 0)
-        if start < 0:  # HeaderSize = -1: the data are the last bytes of the file
-            start = data_path.stat().st_size - count * dtype.itemsize
-        flat = np.fromfile(data_path, dtype=dtype, count=count, offset=start)
-    if flat.size != count:
-        raise ValueError(f"{flat.size} voxels in the data, expected {count} ({'x'.join(map(str, dims))})")
-    data = flat.reshape(dims[::-1]).transpose(2, 1, 0).astype(dtype.newbyteorder("="), copy=False)
-    directions = np.asarray(matrix).reshape(3, 3)  # row i: the direction of array axis i
-    affine = np.eye(4)
-    affine[:3, :3] = directions.T * np.asarray(spacing)[None, :]
-    affine[:3, 3] = origin
-    return data, _LPS_TO_RAS @ affine
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Small helpers
 
 
@@ -930,45 +780,3 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="file" if desc.startswith("scan") else "vol", dynamic_ncols=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line (wired into ``ssl3d data prepare`` by ssl3d.cli)
-
-
-def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``ssl3d data prepare SRC DST``."""
-    p.add_argument("src", help="folder tree of DICOM series, NIfTI, NRRD and MetaImage (.mha/.mhd) files")
-    p.add_argument("dst", help="output folder: images/, dataset.json, prepare_report.json")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of patient folders held out (0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (0)")
-    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: CPUs, up to 8)")
-    p.add_argument("--min-slices", type=int, default=DEFAULT_MIN_SLICES, help="skip shorter DICOM series")
-    p.add_argument(
-        "--spacing-tolerance",
-        type=float,
-        default=DEFAULT_SPACING_TOLERANCE,
-        help="allowed deviation of a slice gap from the median, as a fraction (0.05)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run_prepare(a: argparse.Namespace) -> int:
-    """``ssl3d data prepare``: convert, print a summary, and the first few skip reasons."""
-    report = prepare_dataset(
-        a.src,
-        a.dst,
-        val_fraction=a.val_fraction,
-        seed=a.seed,
-        workers=a.workers,
-        min_slices=a.min_slices,
-        spacing_tolerance=a.spacing_tolerance,
-        progress=not a.no_progress,
-    )
-    print(f"ssl3d: {report.summary()}")
-    reasons: dict[str, int] = defaultdict(int)
-    for s in report.skipped:
-        reasons[re.sub(r"\d+(\.\d+)?", "N", s["reason"])] += 1
-    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
-        print(f"  skipped {n:6d} x {reason}")
-    return 0

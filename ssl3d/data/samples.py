@@ -20,10 +20,11 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from ssl3d.data.readers import read_nrrd
 
 log = logging.getLogger(__name__)
 
@@ -132,41 +133,13 @@ def _extract_one(tar: tarfile.TarFile, member: str, dst: Path, tmp: Path) -> Non
 # ---------------------------------------------------------------------------------------------------------
 # NRRD -> NIfTI
 
-_SPACE_TO_RAS = {  # sign of each world axis going from the NRRD space to RAS
-    "left-posterior-superior": (-1, -1, 1),
-    "lps": (-1, -1, 1),
-    "right-anterior-superior": (1, 1, 1),
-    "ras": (1, 1, 1),
-    "left-anterior-superior": (-1, 1, 1),
-    "las": (-1, 1, 1),
-}
-
-
-def nrrd_affine(header: dict[str, Any]) -> np.ndarray:
-    """The 4x4 voxel-to-RAS affine of a 3D NRRD header (rows of "space directions" are the axis vectors)."""
-    space = str(header.get("space", "")).lower()
-    if space not in _SPACE_TO_RAS:
-        raise ValueError(f"NRRD space {space!r} not supported; expected one of {', '.join(sorted(_SPACE_TO_RAS))}")
-    dirs = np.asarray(header["space directions"], dtype=np.float64)
-    if dirs.shape != (3, 3) or not np.isfinite(dirs).all():
-        raise ValueError(f"NRRD space directions {dirs.tolist()}: expected a 3x3 matrix (a 3D scalar image)")
-    affine = np.eye(4)
-    affine[:3, :3] = dirs.T  # column i: the world step of one voxel along array axis i
-    affine[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-    affine[:3] *= np.asarray(_SPACE_TO_RAS[space], dtype=np.float64)[:, None]  # LPS -> RAS negates x and y
-    return affine
-
 
 def nrrd_to_nifti(src: Path | str, dst: Path | str) -> None:
     """Convert a 3D NRRD (via pynrrd) to NIfTI with the same world geometry, in RAS."""
     try:
-        import nrrd
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading NRRD needs pynrrd: pip install pynrrd (or ssl3d[samples])") from exc
-    data, header = nrrd.read(str(src), index_order="F")
-    if data.ndim != 3:
-        raise ValueError(f"{src}: {data.ndim}D NRRD; expected a 3D scalar image")
-    affine = nrrd_affine(header)
+        data, affine = read_nrrd(Path(src))
+    except ValueError as exc:
+        raise ValueError(f"{src}: {exc}") from None
     if not np.issubdtype(data.dtype, np.integer):
         data = data.astype(np.float32)
     img = nib.Nifti1Image(np.asarray(data), affine)

@@ -263,29 +263,25 @@ def simulate_offload(host_allocations: Callable[[], contextlib.AbstractContextMa
         _SIMULATE_HOST = previous
 
 
-def _pack(t: Tensor) -> Any:
-    if t.device.type != "cpu":
-        pin = t.device.type == "cuda" and not t.is_sparse
-        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
-        host.copy_(t)  # blocking, as torch's save_on_cpu: the host copy is complete before t can be reused
-        return (t.device, host, pin)
+def _pack_simulated(t: Tensor) -> Any:
+    assert _SIMULATE_HOST is not None
+    with _SIMULATE_HOST():
+        host = t.detach().clone()
+    return host
+
+
+def _unpack_simulated(host: Tensor) -> Tensor:
+    return host.clone()  # the host->device copy in backward
+
+
+def offload_saved_tensors(device: torch.device) -> contextlib.AbstractContextManager:
+    """What autograd saves goes to host memory: torch's ``save_on_cpu(pin_memory=True)`` for a device's tensors;
+    nothing to do for tensors already on the CPU; under ``simulate_offload`` (the estimator), counted copies."""
     if _SIMULATE_HOST is not None:
-        with _SIMULATE_HOST():
-            host = t.detach().clone()
-        return (None, host, False)
-    return t  # already in host memory: nothing to move
-
-
-def _unpack(packed: Any) -> Tensor:
-    if isinstance(packed, tuple):
-        device, host, pin = packed
-        return host.clone() if device is None else host.to(device, non_blocking=pin)
-    return packed
-
-
-def offload_saved_tensors() -> contextlib.AbstractContextManager:
-    """Like ``torch.autograd.graph.save_on_cpu(pin_memory=True)``, but a no-op for tensors already on the CPU."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+        return torch.autograd.graph.saved_tensors_hooks(_pack_simulated, _unpack_simulated)
+    if device.type == "cpu":
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,7 +300,7 @@ class _Plan:
 def _run(plan: _Plan | None, fn: Callable[..., Tensor], *args: Any) -> Tensor:
     if plan is None:
         return fn(*args)
-    ctx = offload_saved_tensors() if plan.offload else contextlib.nullcontext()
+    ctx = offload_saved_tensors(args[0].device) if plan.offload else contextlib.nullcontext()
     with ctx:
         if plan.recompute and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)

@@ -407,12 +407,54 @@ def resolve_ds_config(
     """Check a ds_config dict against the allowlists and the run config; fill every ``"auto"``.
 
     ``auto_precision`` is what ``train.precision: "auto"`` means on this device (bf16 on recent GPUs, fp32 on
-    the CPU). Raises one ``ConfigError`` listing every problem.
+    the CPU). Raises one ``ConfigError`` listing every problem; each section is checked by its own function.
     """
     problems: list[str] = []
     raw = copy.deepcopy(raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"ds_config {source}: expected a JSON object at the top level")
+    _check_top_level(raw, problems)
+    strategy = _resolve_backend(raw, world_size, problems)
+    micro, accum, tbs = _resolve_batch(raw, cfg, world_size, problems)
+    clip = _resolve_clipping(raw, cfg, problems)
+    precision, fp16_opts = _resolve_precision(raw, cfg.train.precision, auto_precision, problems)
+    _check_precision_support(raw, precision, strategy, device_type, problems)
+    stage, off_opt, off_par, zero = _resolve_zero(raw, problems)
+    if zero is not None and stage > 0:
+        _fill_bucket_sizes(raw.get("zero_optimization") or {}, zero, cfg)
+    _check_zero_backend(zero, stage, off_opt.enabled or off_par.enabled, off_opt.enabled, strategy, problems)
+    _check_deepspeed_extras(raw, strategy, precision, stage, problems)
+    fsdp = _resolve_fsdp(raw, problems)
+    if "fsdp" in raw and strategy != "fsdp":
+        problems.append(f'fsdp: options for strategy "fsdp", but strategy is "{strategy}"; remove it or switch')
+    ac = _resolve_activation_checkpointing(raw, problems)
+    gather = raw.get("gather_contrastive", False)
+    if not isinstance(gather, bool):
+        problems.append(f"gather_contrastive: got {_js(gather)}, expected true/false")
+        gather = False
+    if problems:
+        raise ConfigError([f"ds_config {source}: {p}" for p in problems])
+    return DSConfig(
+        strategy=strategy,
+        world_size=world_size,
+        micro_batch_size=micro,
+        grad_accum=accum,
+        train_batch_size=tbs,
+        gradient_clipping=clip,
+        precision=precision,
+        zero_stage=stage,
+        offload_optimizer=off_opt,
+        offload_param=off_par,
+        fsdp=fsdp,
+        activation_checkpointing=ac,
+        gather_contrastive=gather,
+        fp16=fp16_opts,
+        deepspeed=_deepspeed_dict(raw, micro, accum, tbs, clip, precision, fp16_opts, zero),
+        source=source,
+    )
+
+
+def _check_top_level(raw: dict[str, Any], problems: list[str]) -> None:
     _check_keys(raw, TOP_LEVEL_KEYS, "", problems)
     for key in ("optimizer", "scheduler"):
         if key in raw:
@@ -421,21 +463,27 @@ def resolve_ds_config(
                 f"from the run config's optim section (optim.name, optim.lr, optim.schedule, ...)"
             )
 
-    # -- backend ------------------------------------------------------------------------------------------
+
+def _resolve_backend(raw: dict[str, Any], world_size: int, problems: list[str]) -> str:
+    """``strategy``, or the backend the other sections imply (deepspeed with a ZeRO section, else ddp/single)."""
+    implied = "deepspeed" if "zero_optimization" in raw else ("ddp" if world_size > 1 else "single")
     strategy = raw.get("strategy")
     if strategy is None:
-        strategy = "deepspeed" if "zero_optimization" in raw else ("ddp" if world_size > 1 else "single")
+        strategy = implied
     elif strategy not in BACKENDS:
         problems.append(
             f"strategy: got {_js(strategy)}; {_did_you_mean(str(strategy), BACKENDS)}valid: {', '.join(BACKENDS)}"
         )
-        strategy = "deepspeed" if "zero_optimization" in raw else ("ddp" if world_size > 1 else "single")
+        strategy = implied
     if strategy == "single" and world_size > 1:
         problems.append(
             f'strategy: "single" runs one process but WORLD_SIZE is {world_size}; use "ddp" (or fsdp/deepspeed)'
         )
+    return strategy
 
-    # -- batch arithmetic ---------------------------------------------------------------------------------
+
+def _resolve_batch(raw: dict[str, Any], cfg: Config, world_size: int, problems: list[str]) -> tuple[int, int, int]:
+    """Micro batch, accumulation steps and global batch, each agreeing with the run config."""
     t = cfg.train
     micro = _resolve_count(raw, "train_micro_batch_size_per_gpu", t.batch_size, "train.batch_size", problems)
     accum = _resolve_count(raw, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", problems)
@@ -451,26 +499,29 @@ def resolve_ds_config(
             f"train_batch_size: got {tbs}, expected train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
             f'world size = {micro} x {accum} x {world_size} = {expected}; write "auto" or fix one of them'
         )
+    return micro, accum, tbs
 
-    # -- clipping ------------------------------------------------------------------------------------------
+
+def _resolve_clipping(raw: dict[str, Any], cfg: Config, problems: list[str]) -> float | None:
+    t = cfg.train
     clip_raw = raw.get("gradient_clipping", "auto")
-    clip: float | None
     if clip_raw == "auto":
-        clip = t.grad_clip
-    elif not _is_num(clip_raw) or clip_raw < 0:
+        return t.grad_clip
+    if not _is_num(clip_raw) or clip_raw < 0:
         problems.append(f'gradient_clipping: got {_js(clip_raw)}, expected a norm >= 0 (0: off) or "auto"')
-        clip = t.grad_clip
-    else:
-        clip = float(clip_raw) if clip_raw > 0 else None
-        if clip != t.grad_clip:
-            run = "null" if t.grad_clip is None else t.grad_clip
-            fix = f"set train.grad_clip={clip}" if clip is not None else "set train.grad_clip=null"
-            problems.append(
-                f'gradient_clipping: got {_js(clip_raw)} but train.grad_clip is {run}; write "auto" or {fix}'
-            )
+        return t.grad_clip
+    clip = float(clip_raw) if clip_raw > 0 else None
+    if clip != t.grad_clip:
+        run = "null" if t.grad_clip is None else t.grad_clip
+        fix = f"set train.grad_clip={clip}" if clip is not None else "set train.grad_clip=null"
+        problems.append(f'gradient_clipping: got {_js(clip_raw)} but train.grad_clip is {run}; write "auto" or {fix}')
+    return clip
 
-    # -- precision -----------------------------------------------------------------------------------------
-    precision, fp16_opts = _resolve_precision(raw, t.precision, auto_precision, problems)
+
+def _check_precision_support(
+    raw: dict[str, Any], precision: str, strategy: str, device_type: str, problems: list[str]
+) -> None:
+    """What each backend and device can do with the chosen precision."""
     if precision == "fp16" and device_type != "cuda":
         problems.append(
             f"fp16.enabled: fp16 needs a CUDA GPU (loss scaling), this run is on the {device_type}; "
@@ -481,30 +532,37 @@ def resolve_ds_config(
             f'fp16.enabled: strategy "{strategy}" has no tested fp16 loss scaler in ssl3d; use bf16, '
             'or strategy "deepspeed" for fp16'
         )
-
     if isinstance(raw.get("bf16"), dict) and raw["bf16"].get("check_grad_overflow") is False:
         problems.append(
             "bf16.check_grad_overflow: got false; ssl3d skips a step whose gradient norm is not finite on every "
             "backend, and with false DeepSpeed's bf16 ZeRO optimizers would apply it; remove the key"
         )
 
-    # -- ZeRO ----------------------------------------------------------------------------------------------
-    stage, off_opt, off_par, zero = _resolve_zero(raw, problems)
-    if zero is not None and stage > 0:
-        _fill_bucket_sizes(raw.get("zero_optimization") or {}, zero, cfg)
-    if zero is not None and strategy != "deepspeed":
-        alternative = {
-            "fsdp": 'FSDP2 already shards like ZeRO-3; for offload use "fsdp": {"cpu_offload": true}',
-            "fairscale": "fairscale's OSS + ShardedDataParallel already shards like ZeRO-2",
-        }.get(strategy, 'use "strategy": "deepspeed", or "fsdp" to shard without DeepSpeed')
-        if off_opt.enabled or off_par.enabled:
-            where = "zero_optimization.offload_" + ("optimizer" if off_opt.enabled else "param")
-            problems.append(
-                f'{where}: only DeepSpeed offloads this way, strategy is "{strategy}"; use "strategy": "deepspeed" '
-                'with this section, or "strategy": "fsdp" with "fsdp": {"cpu_offload": true}'
-            )
-        elif stage > 0:
-            problems.append(f'zero_optimization: only DeepSpeed reads it, strategy is "{strategy}"; {alternative}')
+
+def _check_zero_backend(
+    zero: dict[str, Any] | None, stage: int, offload: bool, offload_optimizer: bool, strategy: str, problems: list[str]
+) -> None:
+    """A ZeRO section only means something to DeepSpeed: say what the chosen backend does instead."""
+    if zero is None or strategy == "deepspeed":
+        return
+    alternative = {
+        "fsdp": 'FSDP2 already shards like ZeRO-3; for offload use "fsdp": {"cpu_offload": true}',
+        "fairscale": "fairscale's OSS + ShardedDataParallel already shards like ZeRO-2",
+    }.get(strategy, 'use "strategy": "deepspeed", or "fsdp" to shard without DeepSpeed')
+    if offload:
+        where = "zero_optimization.offload_" + ("optimizer" if offload_optimizer else "param")
+        problems.append(
+            f'{where}: only DeepSpeed offloads this way, strategy is "{strategy}"; use "strategy": "deepspeed" '
+            'with this section, or "strategy": "fsdp" with "fsdp": {"cpu_offload": true}'
+        )
+    elif stage > 0:
+        problems.append(f'zero_optimization: only DeepSpeed reads it, strategy is "{strategy}"; {alternative}')
+
+
+def _check_deepspeed_extras(
+    raw: dict[str, Any], strategy: str, precision: str, stage: int, problems: list[str]
+) -> None:
+    """DeepSpeed's smaller sections: flags, printing, gradient accumulation dtype, NVMe I/O."""
     for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "wall_clock_breakdown"):
         if key in raw and not isinstance(raw[key], bool):
             problems.append(f"{key}: got {_js(raw[key])}, expected true/false")
@@ -536,27 +594,28 @@ def resolve_ds_config(
         else:
             problems.append(f"aio: got {_js(raw['aio'])}, expected an object (DeepSpeed's NVMe I/O settings)")
 
-    # -- FSDP2 ---------------------------------------------------------------------------------------------
-    fsdp = _resolve_fsdp(raw, problems)
-    if "fsdp" in raw and strategy != "fsdp":
-        problems.append(f'fsdp: options for strategy "fsdp", but strategy is "{strategy}"; remove it or switch')
 
-    # -- activation checkpointing (stored; ssl3d.memory parses and applies it) -----------------------------
+def _resolve_activation_checkpointing(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Stored without comments; ssl3d.memory parses and applies it."""
     ac = raw.get("activation_checkpointing", {})
     if not isinstance(ac, dict):
         problems.append(f"activation_checkpointing: got {_js(ac)}, expected an object")
         ac = {}
     problems += _check_activation_checkpointing(ac)
+    return {k: v for k, v in ac.items() if not k.startswith("_")}
 
-    gather = raw.get("gather_contrastive", False)
-    if not isinstance(gather, bool):
-        problems.append(f"gather_contrastive: got {_js(gather)}, expected true/false")
-        gather = False
 
-    if problems:
-        raise ConfigError([f"ds_config {source}: {p}" for p in problems])
-
-    # -- what DeepSpeed gets -------------------------------------------------------------------------------
+def _deepspeed_dict(
+    raw: dict[str, Any],
+    micro: int,
+    accum: int,
+    tbs: int,
+    clip: float | None,
+    precision: str,
+    fp16_opts: dict[str, Any],
+    zero: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What ``deepspeed.initialize(config=...)`` gets: every "auto" filled, ssl3d's own keys and comments removed."""
     ds: dict[str, Any] = {
         k: v for k, v in raw.items() if not k.startswith("_") and k not in SSL3D_KEYS and k not in ("bf16", "fp16")
     }
@@ -575,24 +634,7 @@ def resolve_ds_config(
     # deepspeed.checkpointing itself; ssl3d.memory applies it to the Swin blocks for every backend.
     ds.pop("activation_checkpointing", None)
     ds.setdefault("steps_per_print", 10**9)  # ssl3d logs itself; DeepSpeed's default prints every 10 steps
-    return DSConfig(
-        strategy=strategy,
-        world_size=world_size,
-        micro_batch_size=micro,
-        grad_accum=accum,
-        train_batch_size=tbs,
-        gradient_clipping=clip,
-        precision=precision,
-        zero_stage=stage,
-        offload_optimizer=off_opt,
-        offload_param=off_par,
-        fsdp=fsdp,
-        activation_checkpointing={k: v for k, v in ac.items() if not k.startswith("_")},
-        gather_contrastive=gather,
-        fp16=fp16_opts,
-        deepspeed=ds,
-        source=source,
-    )
+    return ds
 
 
 BUCKET_KNOBS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")

@@ -20,6 +20,7 @@ import torch
 from monai.transforms import LoadImage, Orientation
 
 import ssl3d.data.prepare as prep
+from ssl3d.cli import add_prepare_arguments, run_prepare
 from ssl3d.data.prepare import prepare_dataset, read_metaimage
 
 pydicom = pytest.importorskip("pydicom")
@@ -394,9 +395,9 @@ def test_command_line_flags(tree: Path, tmp_path: Path, capsys: pytest.CaptureFi
     import argparse
 
     parser = argparse.ArgumentParser()
-    prep.add_prepare_arguments(parser)
+    add_prepare_arguments(parser)
     args = parser.parse_args([str(tree), str(tmp_path), "--workers", "0", "--min-slices", "8", "--no-progress"])
-    assert prep.run_prepare(args) == 0
+    assert run_prepare(args) == 0
     out = capsys.readouterr().out
     assert "8 volumes (8 converted now, 0 reused), 8 inputs skipped" in out
     assert "skipped      1 x gap of N mm at slice N" in out

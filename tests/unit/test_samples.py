@@ -13,7 +13,8 @@ import pytest
 import torch
 from monai.transforms import LoadImage, Orientation
 
-from ssl3d.data.samples import fetch_samples, nrrd_affine, nrrd_to_nifti
+from ssl3d.data.readers import nrrd_affine
+from ssl3d.data.samples import fetch_samples, nrrd_to_nifti
 
 nrrd = pytest.importorskip("nrrd")
 
