@@ -409,26 +409,12 @@ def step_settings(
     )
 
 
-def trace_step(
-    model: ModelConfig | StepSettings,
-    roi: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    num_samples: int = 2,
-    precision: str = "fp32",
-    policy: CheckpointPolicy | dict[str, Any] | str | None = None,
-    fused_attention: bool = True,
-    device: str = "cuda",
-    two_passes: bool = False,
-    contrastive_dim: int = 512,
-    grad_cache_chunk: int = 0,
-) -> StepTrace:
-    """Trace one unsharded training step (cached per configuration); ``model`` may be ``StepSettings``."""
+def trace_step(model: ModelConfig | StepSettings, *step: Any, device: str = "cuda", **step_kw: Any) -> StepTrace:
+    """Trace one unsharded training step for ``device`` (cached per configuration); the step is ``model`` as
+    ``StepSettings``, or ``step_settings``' arguments."""
     if device not in ("cuda", "cpu"):
         raise ConfigError(f'device: got "{device}", expected "cuda" or "cpu" (the target the estimate is for)')
-    s = step_settings(
-        model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
-        grad_cache_chunk,
-    )  # fmt: skip
+    s = step_settings(model, *step, **step_kw)
     return _trace_cached(model_key(s.model), dataclasses.replace(s, model=None), device == "cuda")
 
 

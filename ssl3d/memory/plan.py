@@ -236,10 +236,7 @@ def out_of_memory_help(cfg: Any, strategy: Any) -> str:
 def fit_memory(
     budget_bytes: int,
     model: ModelConfig | StepSettings,
-    roi: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    num_samples: int = 2,
-    *,
+    *step: Any,
     ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
     **estimate_kwargs: Any,
 ) -> MemoryFit:
@@ -253,8 +250,8 @@ def fit_memory(
         raise ConfigError(f"--fit-memory: got {budget_bytes} bytes, expected a positive size such as 32GiB")
     # The step's own settings (its policy and chunk are what this chooses); the rest says how ranks share it.
     own = {k: estimate_kwargs.pop(k) for k in list(estimate_kwargs) if k in STEP_FIELDS}
-    step = step_settings(model, roi, batch_size, num_samples, **own)
-    roi, batch_size, num_samples = step.roi, step.batch_size, step.num_samples
+    setting = step_settings(model, *step, **own)
+    roi, batch_size, num_samples = setting.roi, setting.batch_size, setting.num_samples
     rows = 2 * batch_size * num_samples  # views per micro-batch
     chunks = [0]
     c = rows // 2
@@ -271,8 +268,8 @@ def fit_memory(
     def total(section: dict[str, Any], chunk: int) -> int:
         nonlocal tried
         tried += 1
-        setting = dataclasses.replace(step, policy=as_policy(section), grad_cache_chunk=chunk)
-        return estimate_memory(setting, **estimate_kwargs).total
+        rung = dataclasses.replace(setting, policy=as_policy(section), grad_cache_chunk=chunk)
+        return estimate_memory(rung, **estimate_kwargs).total
 
     # Peak memory is not monotone along the ladder (recomputation has temporaries of its own; for small models the
     # decoder can dominate), so every rung is estimated in order, cheapest first; traces are cached.
@@ -289,7 +286,8 @@ def fit_memory(
         list(range(64, max(normalize_roi(roi)), 32)),
         lambda r: (
             estimate_memory(
-                dataclasses.replace(step, roi=r, policy=as_policy(last_section), grad_cache_chunk=1), **estimate_kwargs
+                dataclasses.replace(setting, roi=r, policy=as_policy(last_section), grad_cache_chunk=1),
+                **estimate_kwargs,
             ).total
             <= budget_bytes
         ),

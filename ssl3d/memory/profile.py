@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,25 +111,20 @@ def _cuda_module_peaks(model: nn.Module, dev: torch.device) -> tuple[dict[str, d
 
 def profile_memory(
     model: ModelConfig | StepSettings,
-    roi: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    num_samples: int = 2,
-    precision: str = "fp32",
-    policy: CheckpointPolicy | dict[str, Any] | str | None = None,
-    fused_attention: bool = True,
+    *step: Any,
     steps: int = 3,
     device: str = "auto",
-    two_passes: bool = False,
     snapshot_path: str | Path | None = None,
     module_peaks: bool = True,
     threads: int | None = None,
     with_estimate: bool = True,
     seed: int = 0,
     breakdown: bool = True,
-    grad_cache_chunk: int = 0,
+    **step_kw: Any,
 ) -> dict[str, Any]:
     """Run ``steps`` real training steps and report measured peaks (bytes) next to ``estimate_memory``'s figure.
 
+    The step is ``model`` as ``StepSettings``, or ``step_settings``' arguments (model, roi, batch size, ...).
     The first step also creates the optimizer states; all steps count towards the peaks, as in training.
     ``breakdown`` (CPU): one extra step under the storage tracker for the breakdown by category and per-module peaks.
     """
@@ -138,9 +132,7 @@ def profile_memory(
     from ssl3d.model.attention import apply_fused_attention
     from ssl3d.ssl import SSLLoss
 
-    step_cfg = step_settings(
-        model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, 512, grad_cache_chunk
-    )  # ``model`` may be the StepSettings themselves
+    step_cfg = step_settings(model, *step, **step_kw)
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(

@@ -91,19 +91,6 @@ def require_layout(directory: Path, entry: str, strategy: str) -> Path:
     )
 
 
-def load_extra(directory: Path, rank: int) -> dict[str, Any]:
-    """This rank's loop state; another rank's when the world size changed (its RNG streams then differ)."""
-    path = directory / f"extra_rank{rank}.pt"
-    if not path.exists():
-        path = directory / "extra_rank0.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def save_extra(directory: Path, rank: int, extra: dict[str, Any]) -> None:
-    """This rank's loop state (the trainer's ``extra``), beside whatever the backend writes itself."""
-    torch.save(extra, directory / f"extra_rank{rank}.pt")
-
-
 class Strategy(ABC):
     """One backend. Subclasses keep their engine/wrapper state; the trainer holds only the returned model."""
 
@@ -191,6 +178,17 @@ class Strategy(ABC):
             group["lr"] = lr
 
     # -- state ---------------------------------------------------------------------------------------------
+    def load_extra(self, directory: Path) -> dict[str, Any]:
+        """This rank's loop state; another rank's when the world size changed (its RNG streams then differ)."""
+        path = Path(directory) / f"extra_rank{self.rank}.pt"
+        if not path.exists():
+            path = Path(directory) / "extra_rank0.pt"
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save_extra(self, directory: Path, extra: dict[str, Any]) -> None:
+        """This rank's loop state (the trainer's ``extra``), beside whatever the backend writes itself."""
+        torch.save(extra, Path(directory) / f"extra_rank{self.rank}.pt")
+
     @abstractmethod
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         """Write model + optimizer (+ scaler) state into ``directory`` (collective: every rank calls it)."""

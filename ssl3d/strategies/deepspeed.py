@@ -39,9 +39,7 @@ from ssl3d.strategies.base import (
     OptimizerFactory,
     Strategy,
     clean_name,
-    load_extra,
     require_layout,
-    save_extra,
     to_cpu_fp32,
 )
 from ssl3d.strategies.distributed import backend_for, init_distributed, is_distributed
@@ -188,7 +186,7 @@ class DeepSpeedStrategy(Strategy):
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         # Every rank writes its ZeRO partitions under directory/deepspeed/.
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={}, save_latest=False)
-        save_extra(directory, self.rank, extra)
+        self.save_extra(directory, extra)
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Exact resume; a ZeRO checkpoint written at another world size goes through the universal checkpoint."""
@@ -203,7 +201,7 @@ class DeepSpeedStrategy(Strategy):
                     "start from its weights with a fresh optimizer (load_model_weights + read_checkpoint_weights)"
                 )
             self._load_universal(directory, saved_world)
-            return load_extra(directory, self.rank)
+            return self.load_extra(directory)
         path, _ = self.engine.load_checkpoint(
             str(directory),
             tag=CHECKPOINT_TAG,
@@ -212,7 +210,7 @@ class DeepSpeedStrategy(Strategy):
         )
         if path is None:
             raise RuntimeError(f"{directory}: DeepSpeed could not load the checkpoint under tag {CHECKPOINT_TAG!r}")
-        return load_extra(directory, self.rank)
+        return self.load_extra(directory)
 
     def resume_problem(self, directory: Path, saved_world_size: int) -> str | None:
         if saved_world_size == self.world_size:

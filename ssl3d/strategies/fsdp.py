@@ -20,9 +20,7 @@ from ssl3d.strategies.base import (
     OptimizerFactory,
     Strategy,
     clean_name,
-    load_extra,
     require_layout,
-    save_extra,
     to_cpu_fp32,
 )
 from ssl3d.strategies.ds_config import FSDPOptions
@@ -125,7 +123,7 @@ class FSDPStrategy(Strategy):
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=Path(directory) / "dcp")
-        save_extra(directory, self.rank, extra)
+        self.save_extra(directory, extra)
 
     def load(self, directory: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -136,7 +134,7 @@ class FSDPStrategy(Strategy):
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=path)  # reshards to this run's world size
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        return load_extra(directory, self.rank)
+        return self.load_extra(directory)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

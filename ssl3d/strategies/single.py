@@ -12,9 +12,7 @@ from ssl3d.strategies.base import (
     OptimizerFactory,
     Strategy,
     clean_name,
-    load_extra,
     require_layout,
-    save_extra,
     to_cpu_fp32,
 )
 
@@ -73,7 +71,7 @@ class SingleStrategy(Strategy):
                 "world_size": self.world_size,
             }
             torch.save(state, directory / "state.pt")
-        save_extra(directory, self.rank, extra)
+        self.save_extra(directory, extra)
 
     def load(self, directory: Path) -> dict[str, Any]:
         state = torch.load(require_layout(directory, "state.pt", self.name), map_location="cpu", weights_only=True)
@@ -81,7 +79,7 @@ class SingleStrategy(Strategy):
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        return load_extra(directory, self.rank)
+        return self.load_extra(directory)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {clean_name(k): to_cpu_fp32(v) for k, v in self.module.state_dict().items()}

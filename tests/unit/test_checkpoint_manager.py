@@ -12,7 +12,6 @@ from torch import nn
 
 from ssl3d.checkpoint import COMPLETE, CheckpointManager, resolve_resume
 from ssl3d.config import ConfigError
-from ssl3d.strategies.base import load_extra
 from ssl3d.strategies.single import SingleStrategy
 
 
@@ -41,7 +40,7 @@ def test_step_folders_are_complete_pruned_and_linked(tmp_path: Path) -> None:
     newest = manager.latest()
     assert newest == tmp_path / "checkpoints" / "step_00000003"
     assert '"step": 3' in (newest / COMPLETE).read_text()
-    assert load_extra(newest, 0)["marker"] == "state of step 3"
+    assert strategy.load_extra(newest)["marker"] == "state of step 3"
     saved = torch.load(newest / "state.pt", weights_only=True)["model"]
     assert torch.equal(saved["weight"], strategy.module.weight.detach())
     assert calls == [(1, 0), (2, 0), (3, 0)]  # the hook runs once per step folder, after this rank's part
@@ -69,7 +68,7 @@ def test_best_is_replaced_whole(tmp_path: Path) -> None:
     manager.save_best({"step": 1, "marker": "first"})
     _train_one_step(strategy)
     best = manager.save_best({"step": 2, "marker": "second"})
-    assert load_extra(best, 0)["marker"] == "second"
+    assert strategy.load_extra(best)["marker"] == "second"
     assert torch.equal(torch.load(best / "state.pt", weights_only=True)["model"]["weight"], strategy.module.weight)
     assert sorted(p.name for p in best.parent.iterdir()) == ["best"]  # no .old_ or .tmp_ folder left behind
     assert calls == []  # best is no step folder: the kill hook is not offered there
