@@ -96,7 +96,7 @@ def test_the_demo_is_still_the_demo(tmp_path):
 @pytest.mark.parametrize("command", ["estimate", "plan"])
 def test_memory_commands_without_a_config_size_the_reference_run(command):
     argv = ["memory", command] + (["--budget", "32GiB"] if command == "plan" else [])
-    setting = memory_setting(make_parser().parse_args([*argv, "--device", "cpu"]))
-    model = dataclasses.asdict(setting["model"])
+    step, _ = memory_setting(make_parser().parse_args([*argv, "--device", "cpu"]))
+    model = dataclasses.asdict(step.model)
     assert model["feature_size"] == 48 and list(model["depths"]) == [2, 2, 2, 2]
-    assert list(setting["roi"]) == [96, 96, 96] and setting["batch_size"] == 2
+    assert list(step.roi) == [96, 96, 96] and step.batch_size == 2
