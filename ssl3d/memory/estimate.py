@@ -167,6 +167,24 @@ class StorageTracker(TorchDispatchMode):
         finally:
             self._host -= 1
 
+    def register_step_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict[str, Tensor]
+    ) -> list[nn.Parameter]:
+        """Count what lives through a whole step (parameters, buffers, optimizer states, inputs) and label the
+        gradients as autograd creates them; returns the trained parameters."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            self.register(p, "parameters")
+        for b in model.buffers():
+            self.register(b, "buffers")
+        for state in optimizer.state.values():
+            for v in state.values():
+                self.register(v, "optimizer_states")
+        for v in inputs.values():
+            self.register(v, "inputs")
+        self.watch_gradients(params)
+        return params
+
     def watch_gradients(self, params: Sequence[nn.Parameter]) -> None:
         """Label each ``.grad`` as a gradient the moment autograd accumulates it."""
 
@@ -342,16 +360,7 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for p in params:
-                tracker.register(p, "parameters")
-            for b in model.buffers():
-                tracker.register(b, "buffers")
-            for state in optimizer.state.values():
-                for v in state.values():
-                    tracker.register(v, "optimizer_states")
-            for v in inputs.values():
-                tracker.register(v, "inputs")
-            tracker.watch_gradients(params)
+            tracker.register_step_state(model, optimizer, inputs)
             with tracker:
                 tracker.mark()
                 training_step(
@@ -574,29 +583,23 @@ def _rank_bytes(
 
 def estimate_memory(
     model: ModelConfig | StepSettings,
-    roi: int | Sequence[int] | None = None,
-    batch_size: int = 1,
-    num_samples: int = 2,
-    precision: str = "fp32",
-    policy: CheckpointPolicy | dict[str, Any] | str | None = None,
-    fused_attention: bool = True,
+    *step_args: Any,
     strategy: str = "single",
     world_size: int = 1,
     offload_optimizer: bool = False,
     offload_params: bool = False,
     device: str = "cuda",
-    two_passes: bool = False,
-    contrastive_dim: int = 512,
     fragmentation: float = DEFAULT_FRAGMENTATION,
     runtime_bytes: int | None = None,
     reduce_bucket_size: int | None = None,
     overlap_comm: bool | None = None,
-    grad_cache_chunk: int = 0,
+    **step_kw: Any,
 ) -> MemoryEstimate:
     """Predicted peak memory per rank of one step (forward, backward, AdamW step), without the device.
 
-    The step is ``model`` as ``StepSettings`` (what callers inside ssl3d pass), or a ``ModelConfig`` with the
-    step's settings as arguments: ``batch_size`` volumes x ``num_samples`` crops per rank, two views each.
+    The step is ``model`` as ``StepSettings`` (what callers inside ssl3d pass), or ``step_settings``' arguments
+    (model, roi, batch size, crops, precision, policy, ...): ``batch_size`` volumes x ``num_samples`` crops per
+    rank, two views each. The keywords here say how ranks share it and what device it is for.
     ``device="cuda"``: tensor bytes rounded as the caching allocator does, + ``fragmentation`` headroom rounded to
     2 MiB segments, + the CUDA context (``runtime_bytes``, default 0.5 GiB). ``"cpu"``: tensor bytes + a oneDNN
     convolution workspace model + ``runtime_bytes`` (default 96 MiB), comparable with the peak RSS growth
@@ -604,10 +607,7 @@ def estimate_memory(
     ``grad_cache_chunk`` the trainer's contrastive gradient caching (``ssl.grad_cache_chunk`` views per
     forward/backward).
     """
-    step = step_settings(
-        model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
-        grad_cache_chunk,
-    )  # fmt: skip
+    step = step_settings(model, *step_args, **step_kw)
     trace = trace_step(step, device=device)
     precision = step.precision
     cols, notes = _rank_bytes(

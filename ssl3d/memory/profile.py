@@ -205,16 +205,7 @@ def profile_memory(
             h.remove()
     elif not cuda and (breakdown or module_peaks):
         tracker = StorageTracker()
-        for p in params:
-            tracker.register(p, "parameters")
-        for b in net.buffers():
-            tracker.register(b, "buffers")
-        for state in optimizer.state.values():
-            for v in state.values():
-                tracker.register(v, "optimizer_states")
-        for v in inputs.values():
-            tracker.register(v, "inputs")
-        tracker.watch_gradients(params)
+        tracker.register_step_state(net, optimizer, inputs)
         stats, handles = _module_peaks(net, tracker) if module_peaks else ({}, [])
         with tracker:
             tracker.mark()
