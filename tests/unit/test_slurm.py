@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl3d.cli import add_dry_run, add_run_flags, add_seed_flags
+from ssl3d.cli import add_dry_run, add_reference_flags, add_run_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = """#!/bin/bash
@@ -68,7 +68,7 @@ def pretrain_args(argv: list[str]):
     p = argparse.ArgumentParser()
     add_run_flags(p)
     add_dry_run(p)
-    add_seed_flags(p)
+    add_reference_flags(p)
     return p.parse_args(argv)
 
 
