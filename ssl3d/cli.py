@@ -318,9 +318,9 @@ def _checkpoint_config(src: Path) -> tuple[Config | None, int | None]:
 
     if not (Path(src) / "extra_rank0.pt").is_file():
         return None, None
-    from ssl3d.strategies.single import load_extra
+    from ssl3d.strategies.base import read_extra
 
-    extra = load_extra(Path(src), 0)
+    extra = read_extra(Path(src), 0)
     return config_from_dict(json.loads(extra.get("config", "{}"))), int(extra.get("step", 0))
 
 

@@ -33,8 +33,8 @@ from ssl3d.logger import RunLogger
 from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer, lr_at
+from ssl3d.step import run_step
 from ssl3d.strategies import Strategy
-from ssl3d.strategies.single import load_extra
 
 
 @dataclasses.dataclass
@@ -82,13 +82,13 @@ class SegmentationTrainer:
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches: (mean loss, gradient norm)."""
         self.strategy.set_lr(lr_at(self.cfg.optim, self.state.step, self.cfg.train.num_steps))
+        per_micro, result = run_step(
+            self.model, self.task, micro, self.strategy, max_grad_norm=self.cfg.train.grad_clip
+        )
         total = 0.0
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            losses = self.task.forward_backward(self.model, batch, _SyncBackend(self.strategy, sync), sync=sync)
-            total += float(losses["total"]) / len(micro)
-        norm = float(self.strategy.step(self.cfg.train.grad_clip))
-        return total, norm
+        for losses in per_micro:
+            total += float(losses["total"]) / len(per_micro)
+        return total, result.grad_norm
 
     def _batches(self):
         while True:
@@ -139,7 +139,7 @@ class SegmentationTrainer:
         }
 
     def _resume(self, directory: Path) -> None:
-        saved = load_extra(directory, self.strategy.rank)
+        saved = self.strategy.load_extra(directory)
         if saved.get("strategy") != self.strategy.name or int(saved.get("world_size", 0)) != self.strategy.world_size:
             raise TrainingStopped(
                 f"{directory} was written by {saved.get('strategy')} on {saved.get('world_size')} ranks; fine-tuning "
@@ -235,19 +235,3 @@ class SegmentationTrainer:
         self.log.close()
         strategy.barrier()
         return summary
-
-
-class _SyncBackend:
-    """The strategy as the task's backend for one micro-batch (its ``backward`` takes the micro-batch's ``sync``)."""
-
-    def __init__(self, strategy: Strategy, sync: bool):
-        self.strategy, self.sync = strategy, sync
-
-    def autocast(self):
-        return self.strategy.autocast()
-
-    def accumulate(self, sync: bool):
-        return self.strategy.accumulate(sync)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.strategy.backward(loss, sync=self.sync)

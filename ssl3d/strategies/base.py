@@ -91,6 +91,14 @@ def require_layout(directory: Path, entry: str, strategy: str) -> Path:
     )
 
 
+def read_extra(directory: Path, rank: int = 0) -> dict[str, Any]:
+    """Rank ``rank``'s loop state in a checkpoint folder (rank 0's when that rank wrote none)."""
+    path = Path(directory) / f"extra_rank{rank}.pt"
+    if not path.exists():
+        path = Path(directory) / "extra_rank0.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class Strategy(ABC):
     """One backend. Subclasses keep their engine/wrapper state; the trainer holds only the returned model."""
 
@@ -180,10 +188,7 @@ class Strategy(ABC):
     # -- state ---------------------------------------------------------------------------------------------
     def load_extra(self, directory: Path) -> dict[str, Any]:
         """This rank's loop state; another rank's when the world size changed (its RNG streams then differ)."""
-        path = Path(directory) / f"extra_rank{self.rank}.pt"
-        if not path.exists():
-            path = Path(directory) / "extra_rank0.pt"
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_extra(directory, self.rank)
 
     def save_extra(self, directory: Path, extra: dict[str, Any]) -> None:
         """This rank's loop state (the trainer's ``extra``), beside whatever the backend writes itself."""
