@@ -6,8 +6,6 @@ against the peak RSS growth of a fresh process: 15 %.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -156,10 +154,10 @@ def test_bad_roi_is_a_config_error():
         estimate_memory(TINY, 32)
 
 
-def test_full_size_256_traces_in_seconds():
-    t0 = time.perf_counter()
-    trace_step(ModelConfig(), 256, 1, 2, policy="full")
-    assert time.perf_counter() - t0 < 60  # ~2 s on an idle core; generous for a shared machine
+def test_full_size_256_traces_without_allocating():
+    # The trace runs on fake tensors: a 256^3 full-size step (tens of GiB for real) traces on a 24 GiB host.
+    trace = trace_step(ModelConfig(), 256, 1, 2, policy="full")
+    assert trace.events[:, 1:].sum(axis=1).max() > 4 * 2**30
 
 
 def test_planner_choice_fits_budget(tmp_path):
