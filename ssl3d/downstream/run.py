@@ -104,8 +104,8 @@ def prepare_run(cfg: Config, explicit: set[str]) -> tuple[Config, Any, Any, list
 
 
 def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[str, Any]:
-    from ssl3d.cli import check_run_inputs
     from ssl3d.downstream.trainer import SegmentationTrainer
+    from ssl3d.run_config import check_run_inputs
     from ssl3d.strategies import strategy_from_ds_config
 
     cfg, source, data, notes = prepare_run(cfg, explicit)
@@ -126,7 +126,7 @@ def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[st
 
 
 def run_downstream(a: argparse.Namespace, task: str) -> int:
-    from ssl3d.cli import build_config, is_demo
+    from ssl3d.run_config import build_config, is_demo
 
     # As for pre-training: the CPU/GPU demo preset only for the demo (no config, no datalist).
     defaults = dict(DEMO_GPU if _cuda() else DEMO_CPU) if is_demo(a) else {}
@@ -221,9 +221,9 @@ def _override_keys(overrides: list[str]) -> set[str]:
 
 
 def _cuda() -> bool:
-    from ssl3d.cli import _cuda_available
+    from ssl3d.run_config import cuda_available
 
-    return _cuda_available()
+    return cuda_available()
 
 
 def _print_summary(summary: dict[str, Any], cfg: Config) -> None:

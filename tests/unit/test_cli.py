@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ssl3d.cli import add_reference_flags, add_run_flags, build_config, main
+from ssl3d.cli import add_reference_flags, add_run_flags, main
+from ssl3d.run_config import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,12 +7,13 @@ import re
 
 import pytest
 
-from ssl3d.cli import build_config, main, make_parser
+from ssl3d.cli import main, make_parser
 from ssl3d.config import ConfigError, ModelConfig
 from ssl3d.memory import apply_activation_checkpointing, checkpointed_modules
 from ssl3d.memory.estimate import estimate_memory
 from ssl3d.memory.plan import DEFAULT_LADDER, fit_memory
 from ssl3d.model import build_model
+from ssl3d.run_config import build_config
 from ssl3d.trainer import Trainer
 
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24), window_size=4)

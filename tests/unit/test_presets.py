@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ssl3d.cli import DEMO_CPU, make_parser, memory_setting
+from ssl3d.cli import make_parser, memory_setting
 from ssl3d.config import Config
+from ssl3d.run_config import DEMO_CPU
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}  # a CPU machine, where the demo is small
