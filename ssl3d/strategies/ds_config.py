@@ -2,8 +2,10 @@
 
 One vocabulary covers single-process, DDP, FSDP2, DeepSpeed ZeRO and fairscale runs. DeepSpeed itself silently
 ignores a misspelled section (``zero_optimisation`` quietly means stage 0) and happily accepts batch sizes that
-disagree with the training loop, so everything here is checked against an allowlist and against the run config
-before any process group or engine exists. Every problem is collected and raised as one ``ConfigError``.
+disagree with the training loop, so everything here is checked before any process group or engine exists: the
+ZeRO, offload, bf16 and fp16 sections by DeepSpeed's own pydantic models (``deepspeed_schema``), the other sections
+against the keys ssl3d reads, and all of it against the run config. Every problem is collected and raised as one
+``ConfigError``.
 
 ssl3d extensions (removed before the dict reaches DeepSpeed):
 
@@ -60,36 +62,6 @@ TOP_LEVEL_KEYS = (
 SSL3D_KEYS = ("strategy", "fsdp", "gather_contrastive")
 REFUSED_KEYS = ("optimizer", "scheduler")  # ssl3d builds both from the run config
 
-# DeepSpeedZeroConfig fields (and their ``stage3_`` aliases) in DeepSpeed 0.16-0.19.
-ZERO_KEYS = (
-    "stage",
-    "contiguous_gradients",
-    "reduce_scatter",
-    "reduce_bucket_size",
-    "use_multi_rank_bucket_allreduce",
-    "allgather_partitions",
-    "allgather_bucket_size",
-    "overlap_comm",
-    "load_from_fp32_weights",
-    "elastic_checkpoint",
-    "offload_param",
-    "offload_optimizer",
-    "sub_group_size",
-    "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold",
-    "stage3_model_persistence_threshold",
-    "stage3_max_live_parameters",
-    "stage3_max_reuse_distance",
-    "stage3_gather_16bit_weights_on_model_save",
-    "stage3_module_granularity_threshold",
-    "stage3_use_all_reduce_for_fetch_params",
-    "ignore_unused_parameters",
-    "round_robin_gradients",
-    "zero_hpz_partition_size",
-    "zero_quantized_weights",
-    "zero_quantized_gradients",
-    "memory_efficient_linear",
-)
 ZERO_AUTO_KNOBS = (
     "reduce_bucket_size",
     "allgather_bucket_size",
@@ -99,44 +71,6 @@ ZERO_AUTO_KNOBS = (
     "stage3_model_persistence_threshold",
     "stage3_max_live_parameters",
     "stage3_max_reuse_distance",
-)
-ZERO_BOOL_KEYS = (
-    "contiguous_gradients",
-    "reduce_scatter",
-    "use_multi_rank_bucket_allreduce",
-    "allgather_partitions",
-    "overlap_comm",
-    "load_from_fp32_weights",
-    "elastic_checkpoint",
-    "stage3_gather_16bit_weights_on_model_save",
-    "stage3_use_all_reduce_for_fetch_params",
-    "ignore_unused_parameters",
-    "round_robin_gradients",
-    "zero_quantized_weights",
-    "zero_quantized_gradients",
-    "memory_efficient_linear",
-)
-OFFLOAD_PARAM_KEYS = ("device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "pin_memory")
-OFFLOAD_OPTIMIZER_KEYS = (
-    "device",
-    "nvme_path",
-    "buffer_count",
-    "pin_memory",
-    "pipeline_read",
-    "pipeline_write",
-    "fast_init",
-    "ratio",
-)
-BF16_KEYS = ("enabled", "immediate_grad_update", "check_grad_overflow")
-FP16_KEYS = (
-    "enabled",
-    "auto_cast",
-    "loss_scale",
-    "initial_scale_power",
-    "loss_scale_window",
-    "hysteresis",
-    "consecutive_hysteresis",
-    "min_loss_scale",
 )
 # DeepSpeed's activation-checkpointing section; ssl3d.memory applies it to the Swin blocks.
 ACTIVATION_CHECKPOINTING_KEYS = (
@@ -249,7 +183,7 @@ def _resolve_precision(
     """fp32/bf16/fp16 from the ``bf16``/``fp16`` sections and ``train.precision``; returns fp16 options too."""
     asked: dict[str, Any] = {}
     fp16_opts: dict[str, Any] = {}
-    for name, keys in (("bf16", BF16_KEYS), ("fp16", FP16_KEYS)):
+    for name in ("bf16", "fp16"):
         section = raw.get(name)
         if section is None:
             asked[name] = "auto"
@@ -258,11 +192,11 @@ def _resolve_precision(
             problems.append(f'{name}: got {_js(section)}, expected an object like {{"enabled": "auto"}}')
             asked[name] = "auto"
             continue
-        _check_keys(section, keys, name, problems)
         enabled = section.get("enabled", "auto")
         if enabled not in (True, False, "auto"):
             problems.append(f'{name}.enabled: got {_js(enabled)}, expected true, false or "auto" (= train.precision)')
             enabled = "auto"
+        _check_deepspeed_section(section, name, problems)
         asked[name] = enabled
         if name == "fp16":
             fp16_opts = {k: v for k, v in section.items() if k != "enabled" and not k.startswith("_")}
@@ -284,9 +218,7 @@ def _resolve_precision(
     return explicit or run_set or auto_precision, fp16_opts
 
 
-def _resolve_offload(
-    zero: dict[str, Any], key: str, keys: tuple[str, ...], problems: list[str]
-) -> tuple[Offload, dict[str, Any] | None]:
+def _resolve_offload(zero: dict[str, Any], key: str, problems: list[str]) -> tuple[Offload, dict[str, Any] | None]:
     section = zero.get(key)
     if section is None:
         return Offload(), None
@@ -294,7 +226,6 @@ def _resolve_offload(
     if not isinstance(section, dict):
         problems.append(f'{where}: got {_js(section)}, expected an object like {{"device": "cpu"}}')
         return Offload(), None
-    _check_keys(section, keys, where, problems)
     device = section.get("device", "none")
     if device not in ("none", "cpu", "nvme"):
         problems.append(f'{where}.device: got {_js(device)}, expected "none", "cpu" or "nvme"')
@@ -306,6 +237,7 @@ def _resolve_offload(
     path = section.get("nvme_path")
     if device == "nvme" and not (isinstance(path, str) and path):
         problems.append(f'{where}.nvme_path: missing; "device": "nvme" needs the folder of a fast local NVMe drive')
+    _check_deepspeed_section(section, where, problems)
     return Offload(device=device, pin_memory=pin, nvme_path=path), dict(section)
 
 
@@ -316,13 +248,12 @@ def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offloa
     if not isinstance(zero, dict):
         problems.append(f'zero_optimization: got {_js(zero)}, expected an object like {{"stage": 2}}')
         return 0, Offload(), Offload(), None
-    _check_keys(zero, ZERO_KEYS, "zero_optimization", problems)
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         problems.append(f"zero_optimization.stage: got {_js(stage)}, expected 0, 1, 2 or 3")
         stage = 0
-    off_opt, off_opt_raw = _resolve_offload(zero, "offload_optimizer", OFFLOAD_OPTIMIZER_KEYS, problems)
-    off_par, off_par_raw = _resolve_offload(zero, "offload_param", OFFLOAD_PARAM_KEYS, problems)
+    off_opt, off_opt_raw = _resolve_offload(zero, "offload_optimizer", problems)
+    off_par, off_par_raw = _resolve_offload(zero, "offload_param", problems)
     if off_par.enabled and stage != 3:
         problems.append(
             f'zero_optimization.offload_param: device "{off_par.device}" needs stage 3 (got stage {stage}); '
@@ -332,9 +263,6 @@ def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offloa
         problems.append(
             f'zero_optimization.offload_optimizer: device "{off_opt.device}" needs stage 1, 2 or 3 (got stage 0)'
         )
-    for key in ZERO_BOOL_KEYS:
-        if key in zero and not isinstance(zero[key], bool):
-            problems.append(f"zero_optimization.{key}: got {_js(zero[key])}, expected true/false")
     out = {}
     for key, value in zero.items():
         if key.startswith("_"):
@@ -351,7 +279,36 @@ def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offloa
     for key, section in (("offload_optimizer", off_opt_raw), ("offload_param", off_par_raw)):
         if section is not None:
             out[key] = {k: v for k, v in section.items() if not k.startswith("_")}
+    _check_deepspeed_section(zero, "zero_optimization", problems)
     return stage, off_opt, off_par, out
+
+
+def _check_deepspeed_section(section: dict[str, Any], where: str, problems: list[str]) -> None:
+    """Keys and values against DeepSpeed's own model of the section (``ssl3d.strategies.deepspeed_schema``), after
+    ssl3d's checks: a key that already has a problem is not reported twice; ``"auto"`` is ssl3d's to fill."""
+    from ssl3d.strategies import deepspeed_schema as schema
+
+    valid = schema.accepted_keys(where)
+    deprecated = schema.deprecated_keys(where)
+    reported = {key for key in section if any(p.startswith(f"{where}.{key}:") for p in problems)}
+    for key in section:
+        if key.startswith("_") or key in valid or key in reported:
+            continue
+        reported.add(key)
+        if key in deprecated:
+            problems.append(f"{where}.{key}: deprecated by DeepSpeed; use '{deprecated[key]}' instead")
+        else:
+            _check_keys({key: None}, valid, where, problems)
+    for key in schema.boolean_keys(where):
+        if key in section and key not in reported and not isinstance(section[key], bool) and section[key] != "auto":
+            problems.append(f"{where}.{key}: got {_js(section[key])}, expected true/false")
+            reported.add(key)
+    values = {
+        k: v
+        for k, v in section.items()
+        if not k.startswith("_") and k not in reported and v != "auto" and k not in schema.NESTED
+    }
+    problems += schema.value_problems(where, values)
 
 
 def _check_activation_checkpointing(section: dict[str, Any]) -> list[str]:
@@ -404,7 +361,7 @@ def resolve_ds_config(
     auto_precision: str = "fp32",
     source: str = "<dict>",
 ) -> DSConfig:
-    """Check a ds_config dict against the allowlists and the run config; fill every ``"auto"``.
+    """Check a ds_config dict against DeepSpeed's models, ssl3d's keys and the run config; fill every ``"auto"``.
 
     ``auto_precision`` is what ``train.precision: "auto"`` means on this device (bf16 on recent GPUs, fp32 on
     the CPU). Raises one ``ConfigError`` listing every problem; each section is checked by its own function.

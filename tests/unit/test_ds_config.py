@@ -8,13 +8,7 @@ from pathlib import Path
 import pytest
 
 from ssl3d.config import Config, ConfigError, load_config
-from ssl3d.strategies.ds_config import (
-    OFFLOAD_OPTIMIZER_KEYS,
-    OFFLOAD_PARAM_KEYS,
-    ZERO_KEYS,
-    load_ds_config,
-    resolve_ds_config,
-)
+from ssl3d.strategies.ds_config import load_ds_config, resolve_ds_config
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
 
@@ -185,21 +179,49 @@ def test_invalid_json(tmp_path: Path) -> None:
         load_ds_config(bad, run_cfg())
 
 
-def test_allowlists_are_deepspeed_field_names() -> None:
-    """The keys ssl3d accepts are keys DeepSpeed reads (so an accepted key never silently does nothing)."""
-    pytest.importorskip("deepspeed")
+def test_sections_follow_deepspeeds_own_models() -> None:
+    """ZeRO, offload, bf16 and fp16 keys and values are checked by DeepSpeed's pydantic models: every field of the
+    installed DeepSpeed is accepted (an accepted key never silently does nothing), deprecated fields point to
+    their replacement, and DeepSpeed's value checks come back as one line naming the key."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    from deepspeed.runtime.zero.offload_config import (
-        DeepSpeedZeroOffloadOptimizerConfig,
-        DeepSpeedZeroOffloadParamConfig,
-    )
 
-    def names(model) -> set[str]:
-        return {n for n, f in model.model_fields.items()} | {f.alias for f in model.model_fields.values() if f.alias}
+    from ssl3d.strategies import deepspeed_schema as schema
 
-    assert set(ZERO_KEYS) <= names(DeepSpeedZeroConfig)
-    assert set(OFFLOAD_PARAM_KEYS) <= names(DeepSpeedZeroOffloadParamConfig)
-    assert set(OFFLOAD_OPTIMIZER_KEYS) <= names(DeepSpeedZeroOffloadOptimizerConfig)
+    def spellings(model) -> set[str]:
+        return {f.alias or n for n, f in model.model_fields.items()}
+
+    zero_keys = set(schema.accepted_keys("zero_optimization"))
+    assert zero_keys <= spellings(DeepSpeedZeroConfig)
+    assert {"stage", "overlap_comm", "stage3_prefetch_bucket_size", "compute_grad_norm"} <= zero_keys
+    assert "cpu_offload" not in zero_keys  # deprecated in DeepSpeed
+    assert set(schema.accepted_keys("bf16")) == spellings(DeepSpeedBF16Config)
+
+    # Keys the old hand-kept lists did not know (newer DeepSpeed fields) now pass.
+    newer = {"zero_optimization": {"stage": 2, "compute_grad_norm": True}, "bf16": {"bf16_optimizer_states": True}}
+    ds = resolve_ds_config(newer, run_cfg(), world_size=2)
+    assert ds.deepspeed["zero_optimization"]["compute_grad_norm"] is True
+    assert ds.deepspeed["bf16"]["bf16_optimizer_states"] is True
+
+    bad = {
+        "zero_optimization": {
+            "stage": 2,
+            "cpu_offload": True,
+            "stage3_max_live_parameters": -5,
+            "sub_group_size": 1.5,
+            "overlap_comm": "yes",
+            "offload_optimizer": {"device": "cpu", "buffer_count": "four"},
+        },
+        "fp16": {"enabled": "auto", "initial_scale_power": "x"},
+    }
+    found = problems(bad, world_size=2)
+    assert any("zero_optimization.cpu_offload: deprecated by DeepSpeed; use 'offload_optimizer'" in p for p in found)
+    assert any("zero_optimization.stage3_max_live_parameters: got -5, expected a non-negative" in p for p in found)
+    assert any("zero_optimization.sub_group_size: got 1.5; DeepSpeed says" in p for p in found)
+    assert any('zero_optimization.overlap_comm: got "yes", expected true/false' in p for p in found)
+    assert any('zero_optimization.offload_optimizer.buffer_count: got "four"; DeepSpeed says' in p for p in found)
+    assert any('fp16.initial_scale_power: got "x"; DeepSpeed says' in p for p in found)
+    assert len(found) == 6, found  # one line per problem, none reported twice
 
 
 def test_build_strategy_without_a_preset_is_single_process(monkeypatch: pytest.MonkeyPatch) -> None:

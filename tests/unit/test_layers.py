@@ -132,4 +132,3 @@ def test_estimator_auto_bucket_rule_matches_the_presets() -> None:
     for n in (1, 4095, 4096, 4097, count_parameters(ModelConfig()), 10**9):
         assert estimator_rule(n) == preset_rule(n)
     assert preset_rule(count_parameters(ModelConfig())) == 19_099_648
-
