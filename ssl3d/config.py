@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import signal
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -335,6 +337,28 @@ def load_config(
     return cfg
 
 
+def roi_problems(roi: Sequence[int], key: str) -> list[str]:
+    """The crop-size rules, one line per broken rule (the run config and the memory tools share them)."""
+    p = []
+    for i, r in enumerate(roi):
+        if r <= 0 or r % 32:
+            p.append(
+                f"{key}[{i}]: got {r}, expected a positive multiple of 32 "
+                "(patch 2 and four 2x mergings), e.g. 64, 96, 128"
+            )
+    if all(r > 0 and r % 32 == 0 for r in roi) and math.prod(roi) < 2 * 32**3:
+        p.append(
+            f"{key}: got {list(roi)}, expected at least 2 tokens at the last stage (ROI/32 per axis), "
+            "since the contrastive head reads token 1; e.g. [32, 64, 64]"
+        )
+    if roi[1] != roi[2]:
+        p.append(
+            f"{key}: got {list(roi)}, expected roi[1] == roi[2] "
+            "(the rotation task turns crops by 90 degrees in that plane, which must keep their shape)"
+        )
+    return p
+
+
 def validate(cfg: Config, check_files: bool = True) -> list[str]:
     """Value checks that types alone cannot express; returns one line per problem."""
     p: list[str] = []
@@ -359,22 +383,7 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"model.drop_path_rate: got {m.drop_path_rate}, expected a value in [0, 1)")
     if m.init_weights and check_files and not Path(m.init_weights).exists():
         p.append(f"model.init_weights: {m.init_weights} not found; expected a weight file or a checkpoint folder")
-    for i, r in enumerate(d.roi):
-        if r <= 0 or r % 32:
-            p.append(
-                f"data.roi[{i}]: got {r}, expected a positive multiple of 32 "
-                "(patch 2 and four 2x mergings), e.g. 64, 96, 128"
-            )
-    if all(r > 0 and r % 32 == 0 for r in d.roi) and d.roi[0] * d.roi[1] * d.roi[2] < 2 * 32**3:
-        p.append(
-            f"data.roi: got {list(d.roi)}, expected at least 2 tokens at the last stage (ROI/32 per axis), "
-            "since the contrastive head reads token 1; e.g. [32, 64, 64]"
-        )
-    if d.roi[1] != d.roi[2]:
-        p.append(
-            f"data.roi: got {list(d.roi)}, expected roi[1] == roi[2] "
-            "(the rotation task turns crops by 90 degrees in that plane, which must keep their shape)"
-        )
+    p += roi_problems(d.roi, "data.roi")
     if d.num_samples < 1:
         p.append(f"data.num_samples: got {d.num_samples}, expected at least 1")
     if d.a_max <= d.a_min:

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ssl3d.config import ConfigError, ModelConfig, OptimConfig
+from ssl3d.config import ConfigError, ModelConfig, OptimConfig, roi_problems
 from ssl3d.memory.activation_checkpointing import (
     CheckpointPolicy,
     apply_activation_checkpointing,
@@ -234,17 +234,11 @@ def cpu_conv_workspace(factor: float = CPU_CONV_WORKSPACE) -> Callable[[Any, tup
 
 
 def normalize_roi(roi: int | Sequence[int]) -> tuple[int, int, int]:
-    """An int means a cube. Same rules as ``data.roi``: multiples of 32, roi[1] == roi[2], >= 2 last-stage tokens."""
+    """An int means a cube; the rules are ``data.roi``'s (``ssl3d.config.roi_problems``)."""
     r = (int(roi),) * 3 if isinstance(roi, int | np.integer) else tuple(int(v) for v in roi)
     if len(r) != 3:
         raise ConfigError(f"roi: got {list(r)}, expected one size or three sizes")
-    problems = []
-    if any(v <= 0 or v % 32 for v in r):
-        problems.append(f"roi: got {list(r)}, expected positive multiples of 32 (patch 2 and four 2x mergings)")
-    elif math.prod(v // 32 for v in r) < 2:
-        problems.append(f"roi: got {list(r)}, expected at least 2 last-stage tokens (ROI/32 per axis), e.g. 64")
-    if r[1] != r[2]:
-        problems.append(f"roi: got {list(r)}, expected roi[1] == roi[2] (the rotation plane)")
+    problems = roi_problems(r, "roi")
     if problems:
         raise ConfigError(problems)
     return r  # type: ignore[return-value]

@@ -148,10 +148,12 @@ def test_sharding_arithmetic():
 
 
 def test_bad_roi_is_a_config_error():
-    with pytest.raises(ConfigError, match="multiples of 32"):
+    with pytest.raises(ConfigError, match=r"roi\[0\]: got 48, expected a positive multiple of 32"):
         estimate_memory(TINY, 48)
-    with pytest.raises(ConfigError, match="at least 2 last-stage tokens"):
+    with pytest.raises(ConfigError, match=r"roi: got \[32, 32, 32\], expected at least 2 tokens at the last stage"):
         estimate_memory(TINY, 32)
+    with pytest.raises(ConfigError, match=r"expected roi\[1\] == roi\[2\]"):
+        estimate_memory(TINY, (64, 64, 96))
 
 
 def test_full_size_256_traces_without_allocating():
