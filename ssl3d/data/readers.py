@@ -66,7 +66,10 @@ def nrrd_affine(header: dict[str, Any]) -> np.ndarray:
 
 
 def read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A 3D NRRD volume and its RAS affine (pynrrd reads the data, ``nrrd_affine`` the space)."""
+    """A 3D NRRD volume and its RAS affine (pynrrd reads the data, ``nrrd_affine`` the space).
+
+    Not MONAI's ``NrrdReader``: it gives the same array and affine for LPS and RAS files, but reads a
+    ``left-anterior-superior`` file as RAS (x not negated, checked with MONAI 1.6.1), a silent left-right flip."""
     try:
         import nrrd
     except ImportError as exc:  # pragma: no cover - depends on the environment

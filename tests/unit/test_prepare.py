@@ -22,6 +22,7 @@ from monai.transforms import LoadImage, Orientation
 import ssl3d.data.prepare as prep
 from ssl3d.cli import add_prepare_arguments, run_prepare
 from ssl3d.data.prepare import prepare_dataset, read_metaimage
+from ssl3d.data.readers import read_nrrd
 
 pydicom = pytest.importorskip("pydicom")
 nrrd = pytest.importorskip("nrrd")
@@ -403,3 +404,26 @@ def test_command_line_flags(tree: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "skipped      1 x gap of N mm at slice N" in out
     with pytest.raises(FileNotFoundError, match="source folder .* not found"):
         prepare_dataset(tmp_path / "nope", tmp_path / "out")
+
+
+@pytest.mark.parametrize("space", ["left-posterior-superior", "right-anterior-superior", "left-anterior-superior"])
+def test_nrrd_reader_agrees_with_monai_where_monai_is_right(tmp_path: Path, space: str) -> None:
+    """ssl3d's NRRD reader gives MONAI's NrrdReader's array and affine for LPS and RAS files; for LAS it negates x
+    where MONAI keeps it (the world x axis of LAS points left, so RAS needs -x): why ssl3d keeps its own reader."""
+    from monai.data import NrrdReader
+
+    data = np.random.default_rng(0).integers(-1000, 1000, (6, 7, 8)).astype(np.int16)
+    directions = np.array([[0.7, 0.1, 0.0], [0.0, 0.9, 0.05], [0.0, 0.0, 2.5]])
+    path = tmp_path / "x.nrrd"
+    header = {"space": space, "space directions": directions, "space origin": np.array([1.0, 2.0, 3.0])}
+    nrrd.write(str(path), data, header, index_order="F")
+    ours, affine = read_nrrd(path)
+    reader = NrrdReader()
+    theirs, meta = reader.get_data(reader.read(str(path)))
+    assert np.array_equal(ours, np.asarray(theirs))
+    monai_affine = np.asarray(meta["affine"], dtype=np.float64)
+    if space == "left-anterior-superior":
+        assert np.allclose(affine, np.diag([-1.0, 1.0, 1.0, 1.0]) @ monai_affine)
+        assert affine[0, 3] == -1.0  # origin x=1 in LAS is x=-1 in RAS
+    else:
+        assert np.allclose(affine, monai_affine, atol=1e-12)
