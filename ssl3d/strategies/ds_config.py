@@ -72,15 +72,6 @@ ZERO_AUTO_KNOBS = (
     "stage3_max_live_parameters",
     "stage3_max_reuse_distance",
 )
-# DeepSpeed's activation-checkpointing section; ssl3d.memory applies it to the Swin blocks.
-ACTIVATION_CHECKPOINTING_KEYS = (
-    "partition_activations",
-    "cpu_checkpointing",
-    "contiguous_memory_optimization",
-    "number_checkpoints",
-    "synchronize_checkpoint_boundary",
-    "profile",
-)
 FSDP_KEYS = ("reshard_after_forward", "cpu_offload", "shard")
 AIO_KEYS = ("block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events", "use_gds")
 
@@ -312,13 +303,9 @@ def _check_deepspeed_section(section: dict[str, Any], where: str, problems: list
 
 
 def _check_activation_checkpointing(section: dict[str, Any]) -> list[str]:
-    """The memory module's own parser when it is there (it knows ssl3d's policy keys), else DeepSpeed's keys."""
-    try:
-        from ssl3d.memory.activation_checkpointing import CheckpointPolicy
-    except ImportError:
-        problems: list[str] = []
-        _check_keys(section, ACTIVATION_CHECKPOINTING_KEYS, "activation_checkpointing", problems)
-        return problems
+    """The memory module's parser: it knows ssl3d's policy keys and DeepSpeed's own."""
+    from ssl3d.memory.activation_checkpointing import CheckpointPolicy
+
     try:
         CheckpointPolicy.from_dict({k: v for k, v in section.items() if not k.startswith("_")})
     except ConfigError as exc:
