@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl3d.config import ConfigError
+from ssl3d.model.ssl_model import ReorderedSequential, execution_order
 
 __all__ = [
     "CHECKPOINT_KEYS",
@@ -55,7 +56,7 @@ __all__ = [
 
 POLICIES = ("none", "full", "selective", "offload")
 PARTS = ("block", "attention", "mlp", "both")
-SSL3D_KEYS = ("policy", "stages", "every_k_blocks", "part", "decoder", "merging", "offload_to_cpu")
+SSL3D_KEYS = ("policy", "stages", "every_k_blocks", "part", "decoder", "merging", "mlp_chunks", "offload_to_cpu")
 # DeepSpeed's own activation_checkpointing keys: accepted so one ds_config serves every backend.
 DEEPSPEED_KEYS = (
     "partition_activations",
@@ -94,6 +95,7 @@ class CheckpointPolicy:
     part: str = "block"  # block: one checkpoint per block; attention/mlp: that half only; both: each half
     decoder: bool = True  # the reconstruction decoder's stages ([Conv, Norm, Act, Upsample] each)
     merging: bool = False  # the patch merging at the end of each chosen stage (concat + norm + linear)
+    mlp_chunks: int = 1  # the chosen blocks' norm2 + MLP in this many chunks along the first spatial axis
     offload_to_cpu: bool = False  # saved tensors (offload) or checkpoint inputs (full/selective) in host memory
     # DeepSpeed keys without an effect here, kept so the section round-trips and warnings can name them.
     partition_activations: bool = False
@@ -174,6 +176,12 @@ class CheckpointPolicy:
                 problems.append(f"{prefix}.part: got {json.dumps(part)}, expected one of {', '.join(PARTS)}")
             else:
                 values["part"] = part
+        if "mlp_chunks" in section:
+            c = section["mlp_chunks"]
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                problems.append(f"{prefix}.mlp_chunks: got {json.dumps(c)}, expected an integer >= 1 (1: off)")
+            else:
+                values["mlp_chunks"] = c
         if "number_checkpoints" in section:
             nc = section["number_checkpoints"]
             if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
@@ -194,6 +202,8 @@ class CheckpointPolicy:
                 notes.append(f"{prefix}.{key}: true has no effect ({why})")
         if values.get("number_checkpoints") is not None:
             notes.append(f"{prefix}.number_checkpoints: no effect; choose blocks with stages/every_k_blocks")
+        if name == "none" and values.get("mlp_chunks", 1) > 1:
+            notes.append(f'{prefix}.mlp_chunks: no effect with policy "none"; use "selective" with the stages to chunk')
         if name == "none" and values.get("offload_to_cpu"):
             notes.append(f'{prefix}.offload_to_cpu: no effect with policy "none"; use policy "offload"')
         return cls(**values, notes=tuple(notes))
@@ -219,6 +229,8 @@ class CheckpointPolicy:
             parts.append(f"{self.part}@{stages}{k}")
         if self.merging and self.stages:
             parts.append("merging")
+        if self.mlp_chunks > 1 and self.stages:
+            parts.append(f"mlp/{self.mlp_chunks}")
         if self.decoder:
             parts.append("decoder")
         suffix = "+offload" if self.offload_to_cpu and self.policy != "offload" else ""
@@ -295,6 +307,7 @@ class _Plan:
     recompute: bool
     offload: bool
     part: str = "block"
+    mlp_chunks: int = 1
 
 
 def _run(plan: _Plan | None, fn: Callable[..., Tensor], *args: Any) -> Tensor:
@@ -318,7 +331,23 @@ class CheckpointedSwinBlock(SwinTransformerBlock):
     def _parts(self, x: Tensor, mask_matrix: Tensor | None, p1: _Plan | None, p2: _Plan | None) -> Tensor:
         shortcut = x
         x = shortcut + self.drop_path(_run(p1, self.forward_part1, x, mask_matrix))
+        if self._ssl3d_plan.mlp_chunks > 1:
+            return x + _run(p2, self._chunked_part2, x)
         return x + _run(p2, self.forward_part2, x)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm2(x))
+
+    def _chunked_part2(self, x: Tensor) -> Tensor:
+        """``forward_part2`` with norm2 + MLP (token-wise, so exact) run per chunk of the first spatial axis, each
+        recomputed in backward: the 4x-wide hidden layer exists for one chunk at a time. Drop-path (one draw per
+        sample) stays outside the chunks; MLP dropout, were it on, would draw per chunk."""
+        chunks = x.split(-(-x.shape[1] // self._ssl3d_plan.mlp_chunks), dim=1)
+        if torch.is_grad_enabled():
+            out = [checkpoint(self._mlp, c, use_reentrant=False, preserve_rng_state=True) for c in chunks]
+        else:
+            out = [self._mlp(c) for c in chunks]
+        return self.drop_path(torch.cat(out, dim=1))
 
     def forward(self, x: Tensor, mask_matrix: Tensor | None) -> Tensor:
         plan = self._ssl3d_plan
@@ -331,14 +360,16 @@ class CheckpointedSwinBlock(SwinTransformerBlock):
 
 
 class CheckpointedSequential(nn.Sequential):
-    """A Sequential decoder run as segments ``_ssl3d_segments`` ([start, end) module ranges) under ``_ssl3d_plan``."""
+    """A Sequential decoder run as segments ``_ssl3d_segments`` ([start, end) ranges of positions in its execution
+    order, see ``execution_order``) under ``_ssl3d_plan``; ``_ssl3d_base`` is the class it had before."""
 
     _ssl3d_plan: _Plan
     _ssl3d_segments: tuple[tuple[int, int], ...]
 
     def _range(self, start: int, end: int, x: Tensor) -> Tensor:
-        for i in range(start, end):
-            x = self[i](x)
+        order = execution_order(self)
+        for pos in range(start, end):
+            x = self[order[pos]](x)
         return x
 
     def forward(self, x: Tensor) -> Tensor:
@@ -375,17 +406,20 @@ def _checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def decoder_segments(decoder: nn.Sequential) -> tuple[tuple[int, int], ...]:
-    """Group a Sequential decoder into stages: each starts at a conv; a final 1x1x1 conv joins the last stage.
+    """Group a Sequential decoder into stages ([start, end) positions in its execution order): each starts at a
+    conv; a 1x1x1 output conv near the end joins the last stage.
 
-    For the "vae" decoder this gives five [Conv, Norm, Act, Upsample] stages, the last one with the output conv, so
-    the full-resolution feature map feeding the output conv is recomputed rather than stored.
+    For the "vae" decoder this gives five stages, [Conv, Norm, Act, Upsample] and the last one
+    [Conv, Norm, Act, Conv1x1, Upsample], so what feeds the output at full resolution is recomputed, not stored.
     """
     convs = (nn.Conv3d, nn.ConvTranspose3d, nn.Conv2d, nn.ConvTranspose2d)
-    starts = [i for i, m in enumerate(decoder) if isinstance(m, convs)]
+    modules = [decoder[i] for i in execution_order(decoder)]
+    starts = [i for i, m in enumerate(modules) if isinstance(m, convs)]
     if not starts:
         return ((0, len(decoder)),) if len(decoder) else ()
-    last = decoder[starts[-1]]
-    if len(starts) > 1 and all(k == 1 for k in last.kernel_size) and starts[-1] == len(decoder) - 1:
+    last = modules[starts[-1]]
+    tail = modules[starts[-1] + 1 :]  # only parameter-free modules (the final upsampling) may follow it
+    if len(starts) > 1 and all(k == 1 for k in last.kernel_size) and not any(list(m.parameters()) for m in tail):
         starts = starts[:-1]
     if starts[0] != 0:
         starts[0] = 0
@@ -420,7 +454,7 @@ def remove_activation_checkpointing(model: nn.Module) -> None:
             module.__class__ = SwinTransformerBlock
             module.__dict__.pop("_ssl3d_plan", None)
         elif type(module) is CheckpointedSequential:
-            module.__class__ = nn.Sequential
+            module.__class__ = module.__dict__.pop("_ssl3d_base", nn.Sequential)
             module.__dict__.pop("_ssl3d_plan", None)
             module.__dict__.pop("_ssl3d_segments", None)
         elif type(module) in _WRAPPED_CLASSES.values():
@@ -460,7 +494,7 @@ def apply_activation_checkpointing(
                 continue
             if counter % policy.every_k_blocks == 0:
                 block.__class__ = CheckpointedSwinBlock
-                block._ssl3d_plan = replace(plan, part=policy.part)
+                block._ssl3d_plan = replace(plan, part=policy.part, mlp_chunks=policy.mlp_chunks)
             counter += 1
         down = layer.downsample
         if policy.merging and isinstance(down, nn.Module):
@@ -475,7 +509,9 @@ def apply_activation_checkpointing(
                 block._ssl3d_plan = plan
     elif policy.decoder:
         decoder = model.conv
-        if type(decoder) in (nn.Sequential, CheckpointedSequential):
+        if type(decoder) in (nn.Sequential, ReorderedSequential, CheckpointedSequential):
+            if type(decoder) is not CheckpointedSequential:
+                decoder._ssl3d_base = type(decoder)
             decoder.__class__ = CheckpointedSequential
             decoder._ssl3d_plan = plan
             decoder._ssl3d_segments = decoder_segments(decoder)
@@ -500,5 +536,5 @@ def checkpointed_modules(model: nn.Module) -> dict[str, str]:
         elif not isinstance(module, SwinTransformerBlock):
             out[name] = what
         else:
-            out[name] = f"{what} {plan.part}"
+            out[name] = f"{what} {plan.part}" + (f" mlp/{plan.mlp_chunks}" if plan.mlp_chunks > 1 else "")
     return out

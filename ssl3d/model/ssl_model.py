@@ -21,8 +21,36 @@ class SSLOutput(NamedTuple):
     reconstruction: torch.Tensor  # [N, C, H, W, D]
 
 
-def build_decoder(kind: str, dim: int, out_channels: int) -> nn.Module:
-    """Reconstruction decoder from the (N, dim, H/32, W/32, D/32) map back to the input size."""
+class ReorderedSequential(nn.Sequential):
+    """A Sequential whose modules run in ``order`` (indices), so the execution order can differ from the
+    registration order while parameter names (``conv.20.weight``) stay those of the reference's checkpoints."""
+
+    def __init__(self, *modules: nn.Module, order: tuple[int, ...] | None = None):
+        super().__init__(*modules)
+        self.order = tuple(range(len(self))) if order is None else tuple(order)
+        if sorted(self.order) != list(range(len(self))):
+            raise ValueError(f"order: got {self.order}, expected a permutation of 0..{len(self) - 1}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in self.order:
+            x = self[i](x)
+        return x
+
+
+def execution_order(seq: nn.Sequential) -> tuple[int, ...]:
+    """The order a Sequential's modules run in (``ReorderedSequential.order``, else registration order)."""
+    order = seq.__dict__.get("order")
+    return tuple(order) if order is not None else tuple(range(len(seq)))
+
+
+def build_decoder(kind: str, dim: int, out_channels: int, output_conv_first: bool = True) -> nn.Module:
+    """Reconstruction decoder from the (N, dim, H/32, W/32, D/32) map back to the input size.
+
+    "vae" (the reference's default) ends with Upsample(x2, trilinear) -> Conv1x1x1(dim/16 -> out_channels). Both are
+    linear and the trilinear weights of each output voxel sum to 1 (so the bias passes through unchanged), hence they
+    commute; ``output_conv_first`` runs the 1x1x1 conv before the last upsampling, so the full-resolution tensors
+    have ``out_channels`` channels instead of dim/16 (48x less memory there at the reference's size). Same outputs
+    and gradients within float rounding; same modules at the same indices, so checkpoints load either way."""
     if kind == "large_kernel_deconv":
         return nn.ConvTranspose3d(dim, out_channels, kernel_size=32, stride=32)
     if kind == "deconv":
@@ -39,7 +67,10 @@ def build_decoder(kind: str, dim: int, out_channels: int) -> nn.Module:
                 nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
             ]
         layers.append(nn.Conv3d(chans[-1], out_channels, kernel_size=1, stride=1))
-        return nn.Sequential(*layers)
+        order = list(range(len(layers)))
+        if output_conv_first:  # [..., Upsample, Conv1x1] runs as [..., Conv1x1, Upsample]
+            order[-2:] = order[-1], order[-2]
+        return ReorderedSequential(*layers, order=tuple(order))
     raise ValueError(f"model.decoder: got {kind!r}, expected 'vae', 'deconv' or 'large_kernel_deconv'")
 
 

@@ -24,7 +24,7 @@ from ssl3d.memory.activation_checkpointing import (
     decoder_segments,
     simulate_offload,
 )
-from ssl3d.model import build_model
+from ssl3d.model import ReorderedSequential, build_model
 from ssl3d.ssl import SSLLoss
 
 # Window 4 keeps attention cheap on 2 CPU cores; the first two stages have shifted blocks.
@@ -87,7 +87,7 @@ def test_state_dict_names_unchanged_and_loadable(reference):
     copy.deepcopy(m)
     apply_activation_checkpointing(m, "none")
     assert {type(b) for b in m.swinViT.layers1[0].blocks} == {SwinTransformerBlock}
-    assert type(m.conv) is torch.nn.Sequential
+    assert type(m.conv) is ReorderedSequential
     assert checkpointed_modules(m) == {}
 
 
@@ -280,3 +280,45 @@ def test_policy_recomputes_and_offloads_what_it_says(reference, measured_none, n
             assert host > 0 and saved < 0.1 * none_saved
         else:
             assert host == 0
+
+
+# -- chunked MLPs ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"policy": "full", "mlp_chunks": 3},
+        {"policy": "selective", "stages": [0, 1], "part": "attention", "mlp_chunks": 2},
+        {"policy": "selective", "stages": [0], "part": "mlp", "mlp_chunks": 4},
+    ],
+)
+def test_mlp_chunks_match_no_checkpointing_and_bound_the_hidden_layer(reference, section):
+    """norm2 + MLP per chunk of the first spatial axis: same loss and gradients (tolerances as above), and the
+    4x-wide hidden layer of a stage-0 block never exists for more than one chunk."""
+    model, x, labels, ref_loss, ref_grads = reference
+    m = copy.deepcopy(model)
+    apply_activation_checkpointing(m, section)
+    block = m.swinViT.layers1[0].blocks[0]
+    assert checkpointed_modules(m)["swinViT.layers1.0.blocks.0"].endswith(f"mlp/{section['mlp_chunks']}")
+    hidden: list[tuple[int, ...]] = []
+    block.mlp.linear1.register_forward_hook(lambda mod, i, o: hidden.append(tuple(o.shape)))
+    loss, grads = _step(m, x, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+    depth = x.shape[2] // 2  # [B, D, H, W, C] after the patch embedding (patch 2)
+    largest = -(-depth // section["mlp_chunks"])
+    assert hidden and max(s[1] for s in hidden) == largest
+    assert sum(s[1] for s in hidden[: section["mlp_chunks"]]) == depth  # the first forward covers the volume once
+
+
+def test_mlp_chunks_parsing_and_label():
+    p = CheckpointPolicy.from_dict({"policy": "full", "mlp_chunks": 4})
+    assert p.mlp_chunks == 4 and p.label == "full(block@0,1,2,3 merging mlp/4 decoder)"
+    assert CheckpointPolicy.from_dict(p.to_dict()) == p
+    with pytest.raises(ConfigError, match=r"activation_checkpointing\.mlp_chunks: got 0, expected an integer >= 1"):
+        CheckpointPolicy.from_dict({"policy": "full", "mlp_chunks": 0})
+    notes = CheckpointPolicy.from_dict({"policy": "none", "mlp_chunks": 2}).notes
+    assert any("mlp_chunks: no effect" in n for n in notes)

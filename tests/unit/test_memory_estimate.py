@@ -112,10 +112,14 @@ def test_breakdown_and_table():
 
 def test_policies_and_fused_attention_reduce_memory():
     def peak(**kw):
-        return estimate_memory(TINY, ROI, 1, 2, device="cpu", **kw).breakdown["allocated_peak"]
+        return estimate_memory(TINY, ROI, 1, 2, device="cpu", **kw).breakdown
 
-    assert peak(policy="full") < peak(policy="none")
-    assert peak(fused_attention=True) < peak(fused_attention=False)
+    none, full = peak(policy="none"), peak(policy="full")
+    assert full["activations_max"] < 0.5 * none["activations_max"]
+    # With the decoder's output conv before the last upsampling, this tiny model's peak is one stage-0 block's
+    # attention backward, which recomputation does not lower (checkpoint inputs add a little).
+    assert full["allocated_peak"] < 1.01 * none["allocated_peak"]
+    assert peak(fused_attention=True)["allocated_peak"] < peak(fused_attention=False)["allocated_peak"]
 
 
 def test_sharding_arithmetic():
