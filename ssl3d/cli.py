@@ -251,10 +251,11 @@ def run_prepare(a: argparse.Namespace) -> int:
 
 def run_data(a: argparse.Namespace) -> int:
     if a.data_cmd == "samples":
-        from ssl3d.data.samples import fetch_samples
+        from ssl3d.data.samples import LABELLED_DATALIST_NAME, fetch_samples
 
         path = fetch_samples(Path(a.dir))
         print(f"ssl3d: smoke-test CT samples and their datalist: {path}")
+        print(f"ssl3d: labelled (finetune/probe --datalist): {path.with_name(LABELLED_DATALIST_NAME)}")
     elif a.data_cmd == "prepare":
         return run_prepare(a)
     elif a.data_cmd == "cache":

@@ -6,10 +6,16 @@ anisotropic spacing, LPS storage, fewer slices than the ROI) goes through the pi
 samples, NOT a pre-training set: four scans teach an encoder nothing. Nothing is redistributed: the archives
 are downloaded at run time (licences: TotalSegmentator Apache-2.0, pyradiomics BSD-3-Clause, as stated by
 the packages for their code; neither names a separate data licence).
+
+TotalSegmentator's archive also holds label maps its own test script made for two of its CTs (``--fast --ml``,
+its "total" classes): the abdomen CT (same grid) and a 20-slice DICOM series of the upper abdomen (its label map
+stored with the y axis the other way round: aligned through the affines). They become a labelled datalist with a
+few organs merged from its classes, to try ``ssl3d finetune`` / ``probe`` on real scans (again: a smoke test).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -29,7 +35,9 @@ from ssl3d.data.readers import read_nrrd
 log = logging.getLogger(__name__)
 
 DATALIST_NAME = "dataset_samples.json"
+LABELLED_DATALIST_NAME = "dataset_samples_labelled.json"
 IMAGE_DIR = "images"
+LABEL_DIR = "labels"
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,43 @@ SOURCES = (
 )
 VALIDATION = ("pyradiomics_lung2_ct.nii.gz",)
 
+_TS = "totalsegmentator-2.18.0"
+_TS_REF = f"{_TS}/tests/reference_files"
+
+
+@dataclass(frozen=True)
+class _LabelledCase:
+    image: str  # output name under images/ (and labels/)
+    image_member: str  # a NIfTI file, or a folder of DICOM slices, in the archive
+    label_member: str  # TotalSegmentator's multi-label map of that image
+    split: str  # training | validation
+
+
+# TotalSegmentator's tests/update_test_files.sh made these label maps from these images.
+LABELLED_CASES = (
+    _LabelledCase(
+        "totalseg_abdomen_ct.nii.gz",
+        f"{_TS_REF}/example_ct.nii.gz",
+        f"{_TS_REF}/example_seg_fast_force_split.nii.gz",
+        "training",
+    ),
+    _LabelledCase(
+        "totalseg_upper_abdomen_dicom_ct.nii.gz",
+        f"{_TS_REF}/example_ct_dicom/",
+        f"{_TS_REF}/example_seg_dicom.nii.gz",
+        "validation",
+    ),
+)
+CLASS_MAP_MEMBER = f"{_TS}/totalsegmentator/map_to_binary.py"
+# ssl3d's classes -> the names of TotalSegmentator "total" classes merged into each (indices read from its archive).
+ORGANS = {
+    "liver": ("liver",),
+    "spleen": ("spleen",),
+    "kidney": ("kidney_right", "kidney_left"),
+    "stomach": ("stomach",),
+    "aorta": ("aorta",),
+}
+
 
 def fetch_samples(out_dir: Path | str) -> Path:
     """Download and convert the sample CT volumes into ``out_dir``; returns the datalist JSON path.
@@ -83,6 +128,7 @@ def fetch_samples(out_dir: Path | str) -> Path:
             with tarfile.open(archive, "r:gz") as tar:
                 for name, member in todo.items():
                     _extract_one(tar, member, images / name, Path(tmp))
+    _fetch_labelled(out)
     names = [name for src in SOURCES for name in src.files]
     doc = {
         "description": "ssl3d real CT smoke-test samples from PyPI sdists (TotalSegmentator 2.18.0, pyradiomics "
@@ -90,12 +136,122 @@ def fetch_samples(out_dir: Path | str) -> Path:
         "training": [{"image": f"{IMAGE_DIR}/{n}"} for n in names if n not in VALIDATION],
         "validation": [{"image": f"{IMAGE_DIR}/{n}"} for n in names if n in VALIDATION],
     }
-    datalist = out / DATALIST_NAME
-    tmp_json = datalist.with_name(f".{os.getpid()}.{DATALIST_NAME}")
-    tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp_json, datalist)
+    datalist = _write_json(out / DATALIST_NAME, doc)
     log.info("wrote %d sample volumes and %s", len(names), datalist)
     return datalist
+
+
+def _write_json(path: Path, doc: dict) -> Path:
+    tmp_json = path.with_name(f".{os.getpid()}.{path.name}")
+    tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp_json, path)
+    return path
+
+
+def _fetch_labelled(out: Path) -> Path:
+    """The labelled smoke-test datalist (``LABELLED_DATALIST_NAME``): TotalSegmentator's two labelled CTs, its
+    classes merged into ``ORGANS``, each label map on its image's grid."""
+    images, labels = out / IMAGE_DIR, out / LABEL_DIR
+    labels.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in LABELLED_CASES if not (images / c.image).is_file() or not (labels / c.image).is_file()]
+    if todo:
+        src = next(s for s in SOURCES if s.package == "totalsegmentator")
+        with tempfile.TemporaryDirectory(dir=out, prefix=".download-") as tmp:
+            archive = _pip_download(src, Path(tmp))
+            with tarfile.open(archive, "r:gz") as tar:
+                lut = merge_table(read_class_map(tar))
+                for case in todo:
+                    if not (images / case.image).is_file():
+                        _extract_image(tar, case.image_member, images / case.image, Path(tmp))
+                    label = Path(tmp) / Path(case.label_member).name
+                    _extract_one(tar, case.label_member, label, Path(tmp))
+                    write_label_map(label, images / case.image, lut, labels / case.image)
+    doc = {
+        "description": "ssl3d labelled real-CT smoke test: TotalSegmentator 2.18.0's test CTs and its label maps "
+        "(--fast, 'total' classes) merged into a few organs; for trying finetune/probe, not a benchmark",
+        "labels": {"0": "background", **{str(i): name for i, name in enumerate(ORGANS, start=1)}},
+        **{
+            split: [
+                {"image": f"{IMAGE_DIR}/{c.image}", "label": f"{LABEL_DIR}/{c.image}"}
+                for c in LABELLED_CASES
+                if c.split == split
+            ]
+            for split in ("training", "validation")
+        },
+    }
+    path = _write_json(out / LABELLED_DATALIST_NAME, doc)
+    log.info("wrote %d labelled sample volumes and %s", len(LABELLED_CASES), path)
+    return path
+
+
+def read_class_map(tar: tarfile.TarFile) -> dict[int, str]:
+    """TotalSegmentator's "total" classes (index -> name), read from its ``map_to_binary.py`` without running it."""
+    f = tar.extractfile(CLASS_MAP_MEMBER)
+    if f is None:
+        raise RuntimeError(f"{CLASS_MAP_MEMBER}: not in {tar.name}")
+    for node in ast.parse(f.read().decode()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "class_map" for t in node.targets):
+            return {int(k): str(v) for k, v in ast.literal_eval(node.value)["total"].items()}
+    raise RuntimeError(f"{CLASS_MAP_MEMBER}: no class_map found")
+
+
+def merge_table(class_map: dict[int, str]) -> np.ndarray:
+    """A lookup table from TotalSegmentator's label values to ssl3d's ``ORGANS`` (everything else background)."""
+    index = {name: i for i, name in class_map.items()}
+    lut = np.zeros(max(index.values()) + 1, dtype=np.uint8)
+    for organ_id, (organ, parts) in enumerate(ORGANS.items(), start=1):
+        missing = [p for p in parts if p not in index]
+        if missing:
+            raise RuntimeError(f"TotalSegmentator class map has no {', '.join(missing)} (for {organ})")
+        lut[[index[p] for p in parts]] = organ_id
+    return lut
+
+
+def write_label_map(label: Path | str, image: Path | str, lut: np.ndarray, dst: Path | str) -> None:
+    """``label`` with its values merged through ``lut``, brought onto ``image``'s voxel grid and saved as ``dst``.
+
+    Only exact grid matches are accepted: the same voxel size and extent, the axes at most permuted or flipped
+    (as TotalSegmentator's DICOM label map is against the DICOM series read in LPS order); anything else would
+    need interpolation and is refused."""
+    img, lab = nib.load(str(image)), nib.load(str(label))
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(lab.affine), nib.orientations.io_orientation(img.affine)
+    )
+    moved = lab.as_reoriented(ornt)
+    if moved.shape[:3] != img.shape[:3] or not np.allclose(moved.affine, img.affine, atol=1e-3):
+        raise RuntimeError(
+            f"{label}: not on the grid of {image} (shape {moved.shape} vs {img.shape}, affine "
+            f"{np.round(moved.affine, 3).tolist()} vs {np.round(img.affine, 3).tolist()})"
+        )
+    values = np.asarray(moved.dataobj).astype(np.int64)
+    if values.min() < 0 or values.max() >= len(lut):
+        raise RuntimeError(f"{label}: label values {values.min()}..{values.max()} outside 0..{len(lut) - 1}")
+    out = nib.Nifti1Image(lut[values], img.affine)
+    out.header.set_qform(img.affine, code=1)
+    out.header.set_sform(img.affine, code=1)
+    partial = Path(dst).with_name(f".{os.getpid()}.{Path(dst).name}")
+    nib.save(out, str(partial))
+    os.replace(partial, dst)
+
+
+def _extract_image(tar: tarfile.TarFile, member: str, dst: Path, tmp: Path) -> None:
+    """A NIfTI member as it is; a folder of DICOM slices converted by ``ssl3d data prepare``'s reader."""
+    if not member.endswith("/"):
+        _extract_one(tar, member, dst, tmp)
+        return
+    from ssl3d.data.prepare import prepare_dataset
+
+    series = tmp / "dicom" / "case" / "ct"
+    series.mkdir(parents=True)
+    for m in tar.getmembers():
+        if m.isfile() and m.name.startswith(member):
+            f = tar.extractfile(m)
+            assert f is not None
+            (series / Path(m.name).name).write_bytes(f.read())
+    report = prepare_dataset(tmp / "dicom", tmp / "dicom_out", workers=0, progress=False)
+    if len(report.converted) != 1:
+        raise RuntimeError(f"{member}: expected one DICOM series, converted {len(report.converted)}")
+    os.replace(report.dst / report.converted[0]["output"], dst)
 
 
 def _pip_download(src: _Source, dest: Path) -> Path:
