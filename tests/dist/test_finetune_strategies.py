@@ -1,4 +1,5 @@
-"""``ssl3d finetune`` under torchrun on 2 gloo processes (DDP, FSDP2) matches one process on the same global batch.
+"""``ssl3d finetune`` under torchrun on 2 gloo processes (DDP, FSDP2, ZeRO-2) and ``ssl3d probe`` under DDP match one
+process on the same global batch.
 
 One process takes 2 volumes a step, each rank 1: the seeded global shuffle gives rank r the r-th volume of every
 global batch, crops are seeded per volume, and Dice+CE is a per-sample mean, so the data-parallel gradient is the
@@ -21,7 +22,7 @@ from tiny_run import TINY_RUN
 
 from ssl3d.config import ModelConfig
 from ssl3d.data.demo import write_demo_dataset
-from ssl3d.downstream.model import build_segmentation_model
+from ssl3d.downstream.model import build_downstream_model, build_segmentation_model
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -49,13 +50,21 @@ def run(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def finetune(nproc: int, datalist: Path, logdir: Path, preset: str | None, batch: int) -> dict[str, torch.Tensor]:
+def finetune(
+    nproc: int, datalist: Path, logdir: Path, preset: str | None, batch: int, task: str = "finetune"
+) -> dict[str, torch.Tensor]:
     args = [f"--set={k}={json.dumps(v)}" for k, v in {**RUN, "train.batch_size": batch}.items()]
     args += ["--datalist", str(datalist), f"--set=train.logdir={logdir}"]
     if preset:
         args += ["--ds_config", str(ROOT / "ds_configs" / preset)]
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    run([*(launch if nproc > 1 else [sys.executable]), "-m", "ssl3d.cli", "finetune", *args])
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]
+    run([*(launch if nproc > 1 else [sys.executable]), "-m", "ssl3d.cli", task, *args])
     return torch.load(logdir / "model_final.pt", weights_only=True)["state_dict"]
 
 
@@ -66,7 +75,7 @@ def single(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return datalist, finetune(1, datalist, out / "single", None, batch=2)
 
 
-@pytest.mark.parametrize("preset", ["ddp.json", "fsdp.json"])
+@pytest.mark.parametrize("preset", ["ddp.json", "fsdp.json", "zero2.json"])
 def test_two_processes_match_one(preset: str, single, tmp_path) -> None:
     datalist, ref = single
     got = finetune(2, datalist, tmp_path / preset, preset, batch=1)
@@ -77,3 +86,18 @@ def test_two_processes_match_one(preset: str, single, tmp_path) -> None:
     torch.manual_seed(0)
     start = build_segmentation_model(ModelConfig(feature_size=12, depths=(1, 1, 1, 1)), 5).state_dict()
     assert max(float((ref[k] - start[k]).abs().max()) for k in ref if ref[k].is_floating_point()) > 100 * TOL
+
+
+def test_probe_under_ddp_matches_one_process(single, tmp_path) -> None:
+    """The probe's frozen encoder takes no gradient and no DDP bucket; its head learns the same on 2 ranks."""
+    datalist, _ = single
+    ref = finetune(1, datalist, tmp_path / "probe1", None, batch=2, task="probe")
+    got = finetune(2, datalist, tmp_path / "probe2", "ddp.json", batch=1, task="probe")
+    assert set(got) == set(ref)
+    worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in ref)
+    assert worst <= TOL, f"probe under DDP: max |difference| {worst:.2e} > {TOL:.0e}"
+    torch.manual_seed(0)
+    start = build_downstream_model("probe", ModelConfig(feature_size=12, depths=(1, 1, 1, 1)), 5).state_dict()
+    moved = {k: float((ref[k] - start[k]).abs().max()) for k in ref if ref[k].is_floating_point()}
+    assert max(v for k, v in moved.items() if not k.startswith("swinViT.")) > 100 * TOL  # the head learned
+    assert max(v for k, v in moved.items() if k.startswith("swinViT.")) == 0.0  # the encoder stayed frozen
