@@ -48,8 +48,9 @@ def main() -> None:
     rows = [r for r in ROWS if not a.only or r[0] in a.only.split(",")]
     results = []
     head = (
-        "| policy | fused attn | measured peak (GiB) | estimated (GiB) | est/meas | step time (s) |\n"
-        "|---|---|---|---|---|---|"
+        "| policy | fused attn | measured peak (GiB) | estimated (GiB) | est/meas | whole-process measured (GiB) "
+        "| whole-process estimated (GiB) | est/meas | step time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     print(
         f"full-size={a.feature_size == 48} feature {a.feature_size}, ROI {a.roi}^3, batch {a.batch} x {a.crops} crops "
@@ -78,11 +79,15 @@ def main() -> None:
         measured = m.get("cuda_max_allocated", m.get("rss_peak_over_baseline", 0))
         est = r["estimate"]["bytes"]["allocated_peak" if "cuda_max_allocated" in m else "total"]
         times = r["step_time_s"][1:] or r["step_time_s"]
+        # Whole process (what top shows) on CPU: the libraries' baseline + the step; on CUDA the reserved peak.
+        whole = m.get("cuda_max_reserved", m.get("rss_peak", 0))
+        whole_est = r["estimate"]["bytes"].get("process_peak", r["estimate"]["bytes"]["reserved"])
         row = {"name": name, "policy": policy, "fused": fused, "monai_checkpoint": monai_ckpt, **r}
         results.append(row)
         print(
             f"| {name} | {'on' if fused else 'off'} | {measured / GIB:.3f} | {est / GIB:.3f} | "
-            f"{est / max(measured, 1):.2f} | {min(times):.1f} |",
+            f"{est / max(measured, 1):.2f} | {whole / GIB:.3f} | {whole_est / GIB:.3f} | "
+            f"{whole_est / max(whole, 1):.2f} | {min(times):.1f} |",
             flush=True,
         )
     if a.json:

@@ -45,6 +45,7 @@ from ssl3d.memory.activation_checkpointing import (
     as_policy,
     simulate_offload,
 )
+from ssl3d.memory.process import process_baseline_bytes
 from ssl3d.model.meta import meta_model, model_key
 from ssl3d.optim import build_optimizer
 from ssl3d.ssl import SSLLoss, SSLViews
@@ -587,6 +588,7 @@ def estimate_memory(
     runtime_bytes: int | None = None,
     reduce_bucket_size: int | None = None,
     overlap_comm: bool | None = None,
+    process_baseline: int | None = None,
     **step_kw: Any,
 ) -> MemoryEstimate:
     """Predicted peak memory per rank of one step (forward, backward, AdamW step), without the device.
@@ -597,9 +599,10 @@ def estimate_memory(
     ``device="cuda"``: tensor bytes rounded as the caching allocator does, + ``fragmentation`` headroom rounded to
     2 MiB segments, + the CUDA context (``runtime_bytes``, default 0.5 GiB). ``"cpu"``: tensor bytes + a oneDNN
     convolution workspace model + ``runtime_bytes`` (default 96 MiB), comparable with the peak RSS growth
-    ``profile_memory`` measures. ``two_passes`` reproduces the reference (one forward per view);
-    ``grad_cache_chunk`` the trainer's contrastive gradient caching (``ssl.grad_cache_chunk`` views per
-    forward/backward).
+    ``profile_memory`` measures; plus ``process_baseline`` (default: measured once per environment, see
+    ``ssl3d.memory.process``) it is ``process_peak``, the whole process's peak RSS that ``top`` shows.
+    ``two_passes`` reproduces the reference (one forward per view); ``grad_cache_chunk`` the trainer's
+    contrastive gradient caching (``ssl.grad_cache_chunk`` views per forward/backward).
     """
     step = step_settings(model, *step_args, **step_kw)
     trace = trace_step(step, device=device)
@@ -631,6 +634,10 @@ def estimate_memory(
     breakdown["reserved"] = reserved
     breakdown["runtime"] = runtime
     breakdown["total"] = reserved + runtime
+    if device == "cpu":
+        baseline = process_baseline_bytes() if process_baseline is None else int(process_baseline)
+        breakdown["process_baseline"] = baseline
+        breakdown["process_peak"] = breakdown["total"] + baseline
     config = {
         "model": dataclasses.asdict(step.model),
         "roi": list(step.roi),
@@ -666,6 +673,8 @@ _ROWS = (
     ("allocator_overhead", "allocator rounding/fragmentation"),
     ("runtime", "CUDA context / CPU runtime"),
     ("total", "= total per rank"),
+    ("process_baseline", "libraries before the step (measured)"),
+    ("process_peak", "= whole-process peak (RSS)"),
     ("activations_max", "(max activations during forward)"),
     ("host_offload_max", "(host memory for offload)"),
 )

@@ -31,6 +31,8 @@ DEFAULT_LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
     ("selective-attention", {"policy": "selective", "stages": [0, 1], "part": "attention"}),
     ("selective-both", {"policy": "selective", "stages": [0, 1], "part": "both", "decoder": True}),
     ("full", {"policy": "full"}),
+    # The stage-0 Swin MLPs' 4x-wide hidden layer is then the largest thing alive in backward (at 320^3).
+    ("full+mlp-chunks", {"policy": "full", "mlp_chunks": 4}),
     ("full+offload", {"policy": "full", "offload_to_cpu": True}),
 )
 
@@ -58,7 +60,7 @@ def plan_memory(
     strategies: Sequence[str] = STRATEGIES,
     world_sizes: Sequence[int] = (1, 2, 4, 8),
     device: str = "cuda",
-    limit_policies: Sequence[str] = ("none", "full"),
+    limit_policies: Sequence[str] = ("none", "full", "full+mlp-chunks"),
     ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
     max_roi: int = 512,
     max_batch: int = 64,

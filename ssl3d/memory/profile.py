@@ -247,6 +247,7 @@ def profile_memory(
             result["reserved_estimate_vs_measured"] = est.breakdown["reserved"] / max(measured["cuda_max_reserved"], 1)
         else:
             result["estimate_vs_measured"] = est.breakdown["total"] / max(measured["rss_peak_over_baseline"], 1)
+            result["process_estimate_vs_measured"] = est.breakdown["process_peak"] / max(measured["rss_peak"], 1)
     return result
 
 
@@ -254,7 +255,7 @@ def format_profile(result: dict[str, Any]) -> str:
     """Measured next to estimated, in GiB."""
     m = result["measured"]
     lines = [f"device {result['device']}  config {json.dumps(result['config'])}"]
-    for key in ("cuda_max_allocated", "cuda_max_reserved", "tracked_peak", "rss_peak_over_baseline"):
+    for key in ("cuda_max_allocated", "cuda_max_reserved", "tracked_peak", "rss_peak_over_baseline", "rss_peak"):
         if key in m:
             lines.append(f"measured {key:<24} {m[key] / GIB:8.3f} GiB")
     if "estimate" in result:
@@ -262,6 +263,9 @@ def format_profile(result: dict[str, Any]) -> str:
         lines.append(f"estimated allocated peak          {b['allocated_peak'] / GIB:8.3f} GiB")
         lines.append(f"estimated total                   {b['total'] / GIB:8.3f} GiB")
         lines.append(f"estimate / measured                {result['estimate_vs_measured']:8.3f}")
+        if "process_peak" in b:
+            lines.append(f"estimated whole-process peak      {b['process_peak'] / GIB:8.3f} GiB")
+            lines.append(f"whole-process estimate / measured  {result['process_estimate_vs_measured']:8.3f}")
     for name, s in result.get("module_peaks", {}).items():
         lines.append(
             f"  {name:<22} forward peak {s['forward_peak'] / GIB:7.3f} GiB, "

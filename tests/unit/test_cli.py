@@ -173,6 +173,7 @@ def test_memory_plan_table_agrees_with_the_estimator(capsys):
     lines = capsys.readouterr().out.splitlines()
     header = lines[1].split()
     assert header[:2] == ["strategy", "ranks"] and "cheapest" in header
+    assert "full+mlp-chunks" in header
     rows = {(p[0], int(p[1])): p[2:] for p in (line.split() for line in lines[2:])}
     assert {s for s, _ in rows} == {"single", "ddp", "fsdp", "zero1", "zero2", "zero3"} and len(rows) == 21
     model = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), fused_attention=True)
@@ -182,8 +183,10 @@ def test_memory_plan_table_agrees_with_the_estimator(capsys):
         return estimate_memory(model, roi, batch, 2, "fp32", policy, **kw).total
 
     for strategy, ranks in [("single", 1), ("zero3", 8)]:
-        roi_none, roi_full, batch_none, batch_full, cheapest, gib = rows[(strategy, ranks)]
-        for policy, roi, batch in [("none", int(roi_none), int(batch_none)), ("full", int(roi_full), int(batch_full))]:
+        policies = ("none", "full", {"policy": "full", "mlp_chunks": 4})  # the table's columns, in order
+        row = rows[(strategy, ranks)]
+        rois, batches, (cheapest, gib) = row[:3], row[3:6], row[6:]
+        for policy, roi, batch in zip(policies, map(int, rois), map(int, batches)):
             assert total(strategy, ranks, roi, 1, policy) <= budget < total(strategy, ranks, roi + 32, 1, policy)
             fits = total(strategy, ranks, (32, 64, 64), batch, policy) <= budget
             assert fits and total(strategy, ranks, (32, 64, 64), batch + 1, policy) > budget

@@ -1,0 +1,92 @@
+"""What a training process holds before its first step: the interpreter, torch, MONAI and ssl3d's own imports.
+
+The step estimate counts tensors, workspaces and the CPU runtime a step adds; ``top`` shows the whole process. The
+difference is the imported libraries (about 0.3 GiB for torch + MONAI + TensorBoard), which depend on the
+environment, not on the step, so they are measured once per environment: a fresh interpreter imports what
+training imports, builds nothing and reports its resident set size. The figure is cached in the user's cache
+folder (``$XDG_CACHE_HOME/ssl3d``, else ``~/.cache/ssl3d``) under a key of the interpreter's and libraries'
+versions, so a new torch or MONAI measures again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["BASELINE_IMPORTS", "baseline_key", "measure_process_baseline", "process_baseline_bytes"]
+
+# The training entry points: the trainer (strategies, data, TensorBoard) and the profiler the benchmarks run.
+BASELINE_IMPORTS = ("ssl3d.trainer", "ssl3d.memory.profile")
+# glibc settings of profile_in_subprocess: large blocks go back to the kernel at once, so RSS means live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+_PROBE = (
+    "import importlib, json, sys\n"
+    "for name in sys.argv[1:]:\n"
+    "    importlib.import_module(name)\n"
+    "from ssl3d.rss import current_rss_bytes\n"
+    "print(json.dumps({'rss': current_rss_bytes()}))\n"
+)
+
+
+def baseline_key() -> str:
+    """The environment the baseline belongs to: interpreter, platform and library versions."""
+    import monai
+    import torch
+
+    import ssl3d
+
+    version = getattr(ssl3d, "__version__", "0")
+    return (
+        f"python{platform.python_version()}-{platform.machine()}-torch{torch.__version__}-monai{monai.__version__}-"
+        f"ssl3d{version}"
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssl3d"
+
+
+def measure_process_baseline(imports: tuple[str, ...] = BASELINE_IMPORTS, timeout: float = 300) -> int:
+    """RSS in bytes of a fresh interpreter after importing ``imports`` (nothing built)."""
+    env = {**os.environ, **MALLOC_ENV}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *imports], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"process baseline probe failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["rss"])
+
+
+@functools.lru_cache(maxsize=4)
+def process_baseline_bytes(cache_dir: str | None = None) -> int:
+    """The measured baseline for this environment, from the cache file or measured now (about 10 s) and cached.
+
+    A cache file that cannot be read or written is not an error: the figure is measured again."""
+    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = path / "process_baseline.json"
+    key = baseline_key()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and isinstance(cached.get(key), int):
+        return cached[key]
+    value = measure_process_baseline()
+    cached = cached if isinstance(cached, dict) else {}
+    cached[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return value
