@@ -43,6 +43,10 @@ class StepSettings:
     two_passes: bool = False  # the reference's one forward per view (benchmarks)
     contrastive_dim: int = 512
     grad_cache_chunk: int = 0  # views per forward/backward with contrastive gradient caching; 0: off
+    # What is learnt: "pretrain" (the SSL model and task), "finetune" (SwinUNETR, Dice+CE on batch_size x num_samples
+    # labelled crops) or "probe" (frozen encoder + heads); num_classes (background included) only downstream.
+    task: str = "pretrain"
+    num_classes: int = 14
 
 
 def identity(t: Tensor) -> Tensor:

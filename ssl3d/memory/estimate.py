@@ -1,6 +1,7 @@
 """Peak memory of one training step, predicted without the target device.
 
-One real training step (forward on both views, SSL losses, backward, AdamW step) is traced under
+One real training step (forward on both views, SSL losses, backward, AdamW step; or, for fine-tuning and the probe,
+SwinUNETR / the frozen-encoder probe on labelled crops with Dice+CE) is traced under
 ``FakeTensorMode`` with fake CPU tensors: no data, no compute, only shapes, so even the full-size model at 256^3
 traces in about a second. A ``TorchDispatchMode`` counts the bytes of every live storage after each operator and
 sorts them into parameters, gradients, optimizer states, activations (created in forward), temporaries (created in
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -55,6 +57,7 @@ from ssl3d.step import DTYPES, LocalBackend, StepSettings, no_phase, run_step
 __all__ = [
     "CATEGORIES",
     "STRATEGIES",
+    "TASKS",
     "MemoryEstimate",
     "StepTrace",
     "StorageTracker",
@@ -171,10 +174,10 @@ class StorageTracker(TorchDispatchMode):
     def register_step_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict[str, Tensor]
     ) -> list[nn.Parameter]:
-        """Count what lives through a whole step (parameters, buffers, optimizer states, inputs) and label the
-        gradients as autograd creates them; returns the trained parameters."""
+        """Count what lives through a whole step (parameters, frozen ones too, buffers, optimizer states, inputs)
+        and label the gradients as autograd creates them; returns the trained parameters."""
         params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
+        for p in model.parameters():
             self.register(p, "parameters")
         for b in model.buffers():
             self.register(b, "buffers")
@@ -245,12 +248,23 @@ def normalize_roi(roi: int | Sequence[int]) -> tuple[int, int, int]:
     return r  # type: ignore[return-value]
 
 
+TASKS = ("pretrain", "finetune", "probe")
+
+
 def make_step_inputs(
-    roi: tuple[int, int, int], batch_size: int, num_samples: int, device: torch.device | str = "cpu"
+    roi: tuple[int, int, int],
+    batch_size: int,
+    num_samples: int,
+    device: torch.device | str = "cpu",
+    task: str = "pretrain",
 ) -> dict[str, Tensor]:
-    """What the trainer holds during a step: the crops [N], both views [2N], their corrupted copies [2N], labels."""
+    """What the trainer holds during a step. Pre-training: the crops [N], both views [2N], their corrupted copies
+    [2N], rotation labels. Fine-tuning / probe: N labelled crops, image and label [N, 1, *roi], both float32 as the
+    labelled loader's ``EnsureTyped`` leaves them (N = volumes x crops per volume)."""
     n = batch_size * num_samples
     shape = (1, *roi)
+    if task != "pretrain":
+        return {"image": torch.zeros(n, *shape, device=device), "label": torch.zeros(n, *shape, device=device)}
     return {
         "crops": torch.zeros(n, *shape, device=device),
         "views": torch.zeros(2 * n, *shape, device=device),
@@ -263,7 +277,7 @@ def training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     inputs: dict[str, Tensor],
-    loss_fn: nn.Module,
+    loss_fn: nn.Module | None,
     *,
     autocast_dtype: torch.dtype | None = None,
     two_passes: bool = False,
@@ -272,11 +286,21 @@ def training_step(
 ) -> Tensor:
     """The trainer's step (``ssl3d.step.run_step`` with the SSL task) on ready-made inputs, on one process with plain
     autograd: forward (one batched pass over both views, or the reference's one pass per view), losses, backward,
-    optimizer step. ``grad_cache_chunk``: contrastive gradient caching, that many views per forward/backward."""
-    views = SSLViews(inputs["views"], inputs["corrupted"], inputs["rot_labels"])
-    task = SSLTask(loss_fn, grad_cache_chunk=grad_cache_chunk, two_passes=two_passes)
-    backend = LocalBackend(optimizer, autocast_dtype, inputs["corrupted"].device.type)
-    losses, _ = run_step(model, task, [views], backend, phase=phase)
+    optimizer step. ``grad_cache_chunk``: contrastive gradient caching, that many views per forward/backward.
+    Inputs with an ``"image"`` (``make_step_inputs`` for fine-tuning / probe) run the fine-tuning's
+    ``SegmentationTask`` (Dice+CE, default weights) instead; ``loss_fn`` is then unused."""
+    from ssl3d.downstream.task import SegmentationTask
+
+    batch: Any
+    if "image" in inputs:
+        task: Any = SegmentationTask()
+        batch = {"image": inputs["image"], "label": inputs["label"]}
+    else:
+        batch = SSLViews(inputs["views"], inputs["corrupted"], inputs["rot_labels"])
+        task = SSLTask(loss_fn, grad_cache_chunk=grad_cache_chunk, two_passes=two_passes)
+    device_type = next(iter(inputs.values())).device.type
+    backend = LocalBackend(optimizer, autocast_dtype, device_type)
+    losses, _ = run_step(model, task, [batch], backend, phase=phase)
     return losses[0]["total"]
 
 
@@ -285,7 +309,9 @@ def training_step(
 
 
 def _unit_sizes(model: nn.Module) -> dict[str, int]:
-    """Parameter counts that sharding needs: total, per Swin block (FSDP/ZeRO-3 units), the rest (FSDP root)."""
+    """Parameter counts that sharding needs: total, trainable, per Swin block (FSDP/ZeRO-3 units), the rest (FSDP
+    root). SwinUNETR (fine-tuning) has no ``conv``: FSDP shards its Swin blocks and leaves the convolutional
+    encoder/decoder path in the root, as ``ssl3d.strategies.fsdp`` wraps it."""
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
 
     total = sum(p.numel() for p in model.parameters())
@@ -295,6 +321,7 @@ def _unit_sizes(model: nn.Module) -> dict[str, int]:
     decoder = sum(p.numel() for p in model.conv.parameters()) if hasattr(model, "conv") else 0
     return {
         "total": total,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),  # the probe's encoder is frozen
         # FSDP2 units: every Swin block and the decoder (ssl3d.strategies.fsdp); the root holds the rest.
         "largest_block": max([*blocks, decoder], default=0),
         "root": total - sum(blocks) - decoder,
@@ -324,6 +351,20 @@ class StepTrace:
         return self.events[:, 0]
 
 
+class _RealIndexTensors(TorchFunctionMode):
+    """``torch.arange`` of plain numbers made for real inside the fake trace: MONAI's losses build their reduction
+    axes that way and read them back with ``.tolist()`` (DiceLoss), which a fake tensor cannot answer."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.arange and all(isinstance(a, int | float) for a in (*args, *kwargs.values())):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 @functools.lru_cache(maxsize=256)
 def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
     """``step`` without its model (``key`` names it): hashable, so traces are cached per configuration."""
@@ -334,7 +375,7 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
     from ssl3d.model.attention import apply_fused_attention
 
     t0 = time.perf_counter()
-    model = copy.deepcopy(meta_model(key, step.contrastive_dim))
+    model = copy.deepcopy(meta_model(key, step.contrastive_dim, step.task, step.num_classes))
     units = _unit_sizes(model)
     if step.fused_attention:
         apply_fused_attention(model)
@@ -347,7 +388,7 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
         params = [p for p in model.parameters() if p.requires_grad]
         # foreach (multi-tensor) AdamW is the CUDA default and the larger one in temporaries.
         optimizer = build_optimizer(OptimConfig(), params, foreach=cuda)
-        inputs = make_step_inputs(step.roi, step.batch_size, step.num_samples, "cpu")
+        inputs = make_step_inputs(step.roi, step.batch_size, step.num_samples, "cpu", step.task)
         with simulate_offload(tracker.host) if cuda else contextlib.nullcontext():
             # Steady state: the optimizer's states exist before the measured step (one step on zero gradients
             # creates them at a fraction of the cost of a traced training step).
@@ -356,13 +397,13 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tracker.register_step_state(model, optimizer, inputs)
-            with tracker:
+            with tracker, _RealIndexTensors():
                 tracker.mark()
                 training_step(
                     model,
                     optimizer,
                     inputs,
-                    SSLLoss(),
+                    SSLLoss() if step.task == "pretrain" else None,
                     autocast_dtype=DTYPES[step.precision],
                     two_passes=step.two_passes,
                     grad_cache_chunk=step.grad_cache_chunk,
@@ -370,7 +411,7 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
                 )
                 tracker.mark()
             tracker.remove_hooks()
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # frozen ones too
     events = np.asarray(tracker.events, dtype=np.int64)
     return StepTrace(events=events, units=units, param_bytes=param_bytes, seconds=time.perf_counter() - t0)
 
@@ -386,6 +427,8 @@ def step_settings(
     two_passes: bool = False,
     contrastive_dim: int = 512,
     grad_cache_chunk: int = 0,
+    task: str = "pretrain",
+    num_classes: int = 14,
 ) -> StepSettings:
     """Checked ``StepSettings`` (ROI and policy normalised); ``model`` may already be settings (then the rest is
     ignored). Raises ``ConfigError`` naming what is wrong."""
@@ -394,9 +437,19 @@ def step_settings(
             raise ConfigError("roi: missing; give the crop size, e.g. 96")
         model = StepSettings(
             model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
-            grad_cache_chunk,
+            grad_cache_chunk, task, num_classes,
         )  # fmt: skip
     s = model
+    if s.task not in TASKS:
+        raise ConfigError(f'task: got "{s.task}", expected pretrain, finetune or probe')
+    if s.task != "pretrain":
+        if int(s.num_classes) < 2:
+            raise ConfigError(f"num_classes: got {s.num_classes}, expected at least 2 (background included)")
+        if s.grad_cache_chunk or s.two_passes:
+            raise ConfigError(
+                f"grad_cache_chunk/two_passes: got {s.grad_cache_chunk}/{s.two_passes} for task {s.task}; "
+                "they are pre-training settings (expected 0/False)"
+            )
     if s.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f'precision: got "{s.precision}", expected fp32, bf16 or fp16')
     if s.batch_size < 1 or s.num_samples < 1:
@@ -410,6 +463,7 @@ def step_settings(
         fused_attention=bool(s.fused_attention),
         two_passes=bool(s.two_passes),
         grad_cache_chunk=int(s.grad_cache_chunk),
+        num_classes=int(s.num_classes),
     )
 
 
@@ -509,7 +563,7 @@ def _rank_bytes(
         if low:
             params = params / 2
             grads = grads / 2
-        opt = opt + trace.param_bytes * (4 / pb) * (opt > 0)
+        opt = opt + units.get("trainable", units["total"]) * 4 * (opt > 0)
         notes.append("DeepSpeed: fp32 master weights counted as optimizer states" + (", bf16 model" if low else ""))
     if strategy in ("single", "ddp"):
         if n > 1 and strategy == "single":
@@ -653,7 +707,10 @@ def estimate_memory(
         "device": device,
         "two_passes": step.two_passes,
         "grad_cache_chunk": step.grad_cache_chunk,
+        "task": step.task,
+        "num_classes": step.num_classes if step.task != "pretrain" else None,
         "parameters_count": trace.units["total"],
+        "trainable_count": trace.units["trainable"],
         "trace_seconds": round(trace.seconds, 2),
     }
     return MemoryEstimate(breakdown=breakdown, peak_phase=PHASES[int(trace.phase[i])], config=config, notes=notes)
@@ -684,8 +741,9 @@ def format_estimate(est: MemoryEstimate) -> str:
     """A two-column table in GiB for the terminal."""
     c = est.config
     roi = "x".join(str(r) for r in c["roi"])
+    task = f"{c['task']} ({c['num_classes']} classes)  " if c.get("task", "pretrain") != "pretrain" else ""
     head = (
-        f"{c['strategy']} x{c['world_size']}  roi {roi}  batch {c['batch_size']}x{c['num_samples']}  "
+        f"{task}{c['strategy']} x{c['world_size']}  roi {roi}  batch {c['batch_size']}x{c['num_samples']}  "
         f"{c['precision']}  checkpointing {c['policy']}  fused attention {'on' if c['fused_attention'] else 'off'}  "
         f"({c['device']}, peak in {est.peak_phase})"
     )

@@ -1,4 +1,5 @@
-"""The SSL model on the meta device: shapes and parameter counts without memory or initialisation cost.
+"""The SSL model (or a downstream one) on the meta device: shapes and parameter counts without memory or
+initialisation cost.
 
 The estimator traces copies of it; the strategy presets count its parameters to size DeepSpeed's "auto" buckets.
 """
@@ -19,8 +20,10 @@ __all__ = ["count_parameters", "meta_model", "model_key"]
 
 
 @functools.lru_cache(maxsize=8)
-def meta_model(key: str, contrastive_dim: int) -> nn.Module:
-    """The SSL model with meta parameters (no memory, no init cost after the first call per config)."""
+def meta_model(key: str, contrastive_dim: int, task: str = "pretrain", num_classes: int = 0) -> nn.Module:
+    """The model of ``task`` with meta parameters (no memory, no init cost after the first call per config): the
+    SSL model for ``"pretrain"``, MONAI's SwinUNETR for ``"finetune"``, the frozen-encoder probe for ``"probe"``
+    (``num_classes`` outputs, background included)."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._device import _device_constructors
 
@@ -36,7 +39,11 @@ def meta_model(key: str, contrastive_dim: int) -> nn.Module:
     cfg.depths, cfg.num_heads = tuple(cfg.depths), tuple(cfg.num_heads)
     cfg.init_weights = None
     with _MetaInit():
-        return build_model(cfg, contrastive_dim)
+        if task == "pretrain":
+            return build_model(cfg, contrastive_dim)
+        from ssl3d.downstream.model import build_downstream_model
+
+        return build_downstream_model(task, cfg, num_classes)
 
 
 def model_key(cfg: ModelConfig) -> str:
