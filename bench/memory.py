@@ -7,6 +7,10 @@ states; the step time reported is the best of the later steps (the CPU may be sh
     python bench/memory.py                      # full-size model, ROI 64, batch 1 x 2 crops, CPU
     python bench/memory.py --roi 96 --device cuda --precision bf16 --json out.json
     python bench/memory.py --crops 4 --only none,full --grad-cache-chunk 2   # gradient caching, 2 of 8 views
+    python bench/memory.py --task finetune --num-classes 14 --roi 96 --crops 1 --only none,decoder,full
+
+Fine-tuning (``--task finetune``: MONAI's SwinUNETR, Dice+CE) and the probe run the ladder's rungs that differ for
+their model (``task_ladder``); MONAI's ``use_checkpoint`` row is pre-training's only (ssl3d builds SwinUNETR without).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ssl3d.config import ModelConfig  # noqa: E402
 from ssl3d.memory.estimate import GIB  # noqa: E402
-from ssl3d.memory.plan import DEFAULT_LADDER  # noqa: E402
+from ssl3d.memory.plan import DEFAULT_LADDER, task_ladder  # noqa: E402
 from ssl3d.memory.profile import profile_in_subprocess  # noqa: E402
+from ssl3d.step import StepSettings  # noqa: E402
 
 ROWS = [
     ("eager-none", {"policy": "none"}, False, False),
@@ -43,18 +48,29 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--only", help="comma list of row names to run (default: all)")
     p.add_argument("--grad-cache-chunk", type=int, default=0, help="views per chunk with gradient caching (0: off)")
+    p.add_argument("--task", default="pretrain", choices=["pretrain", "finetune", "probe"])
+    p.add_argument("--num-classes", type=int, default=14, help="finetune/probe: classes including background")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args()
-    rows = [r for r in ROWS if not a.only or r[0] in a.only.split(",")]
+    rows = ROWS
+    if a.task != "pretrain":
+        step = StepSettings(
+            ModelConfig(feature_size=a.feature_size), (a.roi,) * 3, task=a.task, num_classes=a.num_classes
+        )
+        rows = [("eager-none", {"policy": "none"}, False, False)]
+        rows += [(name, pol, True, False) for name, pol in task_ladder(DEFAULT_LADDER, step)]
+    rows = [r for r in rows if not a.only or r[0] in a.only.split(",")]
     results = []
     head = (
         "| policy | fused attn | measured peak (GiB) | estimated (GiB) | est/meas | whole-process measured (GiB) "
         "| whole-process estimated (GiB) | est/meas | step time (s) |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
+    task = f"{a.task} ({a.num_classes} classes), " if a.task != "pretrain" else ""
+    views = " (x2 views)" if a.task == "pretrain" else ""
     print(
-        f"full-size={a.feature_size == 48} feature {a.feature_size}, ROI {a.roi}^3, batch {a.batch} x {a.crops} crops "
-        f"(x2 views), {a.precision}, {a.device}, {a.threads} threads, gradient caching "
+        f"{task}full-size={a.feature_size == 48} feature {a.feature_size}, ROI {a.roi}^3, "
+        f"batch {a.batch} x {a.crops} crops{views}, {a.precision}, {a.device}, {a.threads} threads, gradient caching "
         f"{a.grad_cache_chunk or 'off'}"
     )
     print(head, flush=True)
@@ -74,6 +90,8 @@ def main() -> None:
             module_peaks=False,
             breakdown=False,
             grad_cache_chunk=a.grad_cache_chunk,
+            task=a.task,
+            num_classes=a.num_classes,
         )
         m = r["measured"]
         measured = m.get("cuda_max_allocated", m.get("rss_peak_over_baseline", 0))

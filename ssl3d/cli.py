@@ -276,11 +276,40 @@ def run_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def memory_task(a: argparse.Namespace, cfg: Config) -> tuple[str, int]:
+    """What ``ssl3d memory`` estimates: ``--task``, else the config's ``finetune.task`` when its file or ``--set``
+    has a ``finetune`` section (a fine-tuning config), else pre-training; and the classes for a downstream task:
+    ``--num-classes``, ``finetune.num_classes``, or the datalists' ``labels`` map."""
+    from ssl3d.config import parse_override, read_json
+
+    task = getattr(a, "task", None)
+    if task is None:
+        doc = read_json(a.config) if a.config else {}
+        given = "finetune" in doc or any(parse_override(o)[0].startswith("finetune.") for o in a.overrides)
+        task = cfg.finetune.task if given else "pretrain"
+    if task == "pretrain":
+        return task, 0
+    n = getattr(a, "num_classes", None) or cfg.finetune.num_classes
+    if not n and cfg.data.datalists:
+        from ssl3d.downstream.datalist import load_labelled
+
+        n = load_labelled(cfg, check_files=False).num_classes
+    if not n:
+        raise ConfigError(
+            f"--num-classes: needed for --task {task} (finetune.num_classes is 0 and no datalist has a labels map); "
+            "give the classes including background, e.g. --num-classes 14"
+        )
+    if n < 2:
+        raise ConfigError(f"--num-classes: got {n}, expected at least 2 (background included)")
+    return task, int(n)
+
+
 def memory_setting(a: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The run config and preset of ``ssl3d memory`` as the estimator's arguments (step settings, sharding)."""
     from ssl3d.strategies.ds_config import load_ds_config
 
     cfg = build_config(a, demo=False)  # without a config: the reference-size run, not the CPU demo
+    task, num_classes = memory_task(a, cfg)
     ds = load_ds_config(
         cfg.ds_config,
         cfg,
@@ -290,7 +319,7 @@ def memory_setting(a: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     )
     from ssl3d.memory.plan import estimator_setting
 
-    return estimator_setting(cfg, ds, a.world_size)
+    return estimator_setting(cfg, ds, a.world_size, task, num_classes)
 
 
 def run_memory(a: argparse.Namespace) -> int:
@@ -346,6 +375,20 @@ def make_parser() -> argparse.ArgumentParser:
         m.add_argument("--world-size", type=int, default=1, help="ranks the preset runs on")
         m.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="target device kind")
         m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        m.add_argument(
+            "--task",
+            choices=["pretrain", "finetune", "probe"],
+            help="the step to estimate (default: the config's finetune.task for a config with a finetune section, "
+            "else pretrain)",
+        )
+        m.add_argument(
+            "--num-classes",
+            "--num_classes",
+            dest="num_classes",
+            type=int,
+            help="finetune/probe: output classes including background (default: finetune.num_classes or the "
+            "datalist's labels map)",
+        )
         if name == "profile":
             m.add_argument("--steps", type=int, default=3)
             m.add_argument("--snapshot", help="CUDA: write a memory snapshot for PyTorch's memory viewer here")

@@ -157,15 +157,19 @@ def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
     return resolved
 
 
-def apply_memory_fit(cfg: Config, strategy: Any, budget: int) -> None:
-    """``--fit-memory``: replace the run's checkpointing policy and gradient caching by the cheapest that fits."""
+def apply_memory_fit(cfg: Config, strategy: Any, budget: int, task: str = "pretrain", num_classes: int = 0) -> None:
+    """``--fit-memory``: replace the run's checkpointing policy and gradient caching by the cheapest that fits.
+
+    ``task`` "finetune" / "probe" (``ssl3d finetune|probe``): the downstream step with ``num_classes`` outputs; the
+    trainers read the policy from ``strategy.ds_config``."""
     from ssl3d.memory.plan import estimator_setting, fit_memory
 
     assert strategy.ds_config is not None
-    step, sharding = estimator_setting(cfg, strategy.ds_config, strategy.world_size)
+    step, sharding = estimator_setting(cfg, strategy.ds_config, strategy.world_size, task, num_classes)
     fit = fit_memory(budget, step, device=strategy.device.type, **sharding)
     strategy.ds_config = dataclasses.replace(strategy.ds_config, activation_checkpointing=fit.policy)
-    cfg.ssl.grad_cache_chunk = fit.grad_cache_chunk
+    if task == "pretrain":
+        cfg.ssl.grad_cache_chunk = fit.grad_cache_chunk
     if strategy.is_main:
         print(f"ssl3d: --fit-memory: {fit.describe(budget)}")
 

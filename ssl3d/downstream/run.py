@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ssl3d.config import Config, ConfigError, DatalistConfig, read_json
+from ssl3d.config import Config, DatalistConfig, read_json
 
 # CPU demo: the pre-training demo's tiny model, on the demo's labels, in a few minutes.
 DEMO_CPU = {
@@ -105,13 +105,12 @@ def prepare_run(cfg: Config, explicit: set[str]) -> tuple[Config, Any, Any, list
 
 def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[str, Any]:
     from ssl3d.downstream.trainer import SegmentationTrainer
-    from ssl3d.run_config import check_run_inputs
+    from ssl3d.run_config import apply_memory_fit, check_run_inputs, parse_bytes
     from ssl3d.strategies import strategy_from_ds_config
 
+    budget = parse_bytes(fit_memory, "--fit-memory") if fit_memory else None
     cfg, source, data, notes = prepare_run(cfg, explicit)
     ds, device = check_run_inputs(cfg)
-    if fit_memory:
-        raise ConfigError("--fit-memory: not available for fine-tuning yet; use an activation_checkpointing preset")
     strategy = strategy_from_ds_config(ds, device)
     if strategy.is_main:
         for note in notes:
@@ -121,6 +120,9 @@ def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[st
             f"ssl3d: {cfg.finetune.task}: {len(data.training)} of {data.available} labelled training volumes, "
             f"{len(data.validation)} for validation, {data.num_classes} classes; encoder from {what}"
         )
+    if budget is not None:
+        # The same planner as pre-training, on this run's SwinUNETR / probe step (the trainer reads the policy).
+        apply_memory_fit(cfg, strategy, budget, cfg.finetune.task, data.num_classes)
     trainer = SegmentationTrainer(cfg, strategy, data, source)
     return trainer.fit()
 

@@ -21,7 +21,15 @@ from ssl3d.step import StepSettings
 
 STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(StepSettings))
 
-__all__ = ["DEFAULT_LADDER", "MemoryFit", "fit_memory", "format_plan", "plan_memory", "plot_memory_vs_roi"]
+__all__ = [
+    "DEFAULT_LADDER",
+    "MemoryFit",
+    "fit_memory",
+    "format_plan",
+    "plan_memory",
+    "plot_memory_vs_roi",
+    "task_ladder",
+]
 
 # Cheapest first: recomputation (and host traffic) grows down the list.
 DEFAULT_LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -35,6 +43,32 @@ DEFAULT_LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
     ("full+mlp-chunks", {"policy": "full", "mlp_chunks": 4}),
     ("full+offload", {"policy": "full", "offload_to_cpu": True}),
 )
+
+
+def task_ladder(ladder: Sequence[tuple[str, dict[str, Any]]], step: StepSettings) -> list[tuple[str, dict[str, Any]]]:
+    """The rungs that change something for this step's model, first of each kind kept.
+
+    A policy acts on the Swin blocks, the patch mergings and the "decoder": the SSL model's reconstruction decoder,
+    or SwinUNETR's convolutional encoder/decoder blocks (``SEGMENTATION_DECODER``) when fine-tuning. Two rungs that
+    wrap the same modules the same way are one rung. The probe's encoder is frozen and runs under ``no_grad``
+    (nothing saved, nothing to recompute) and its heads are never wrapped: every rung is the first."""
+    import copy
+
+    from ssl3d.memory.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
+    from ssl3d.model.meta import meta_model, model_key
+
+    if step.task == "probe":
+        return list(ladder[:1])
+    model = copy.deepcopy(meta_model(model_key(step.model), step.contrastive_dim, step.task, step.num_classes))
+    seen, out = set(), []
+    for name, section in ladder:
+        pol = as_policy(section)
+        apply_activation_checkpointing(model, pol, warn=False)
+        key = (json.dumps(checkpointed_modules(model), sort_keys=True), pol.offload_to_cpu or pol.policy == "offload")
+        if key not in seen:
+            seen.add(key)
+            out.append((name, section))
+    return out
 
 
 def _search_largest(candidates: Sequence[int], fits) -> int | None:  # type: ignore[no-untyped-def]
@@ -76,6 +110,10 @@ def plan_memory(
     """
     if budget_bytes <= 0:
         raise ConfigError(f"budget: got {budget_bytes} bytes, expected a positive size")
+    if isinstance(model, StepSettings):
+        ladder = task_ladder(ladder, model)
+        # Columns for policies that are the same rung as an earlier one for this model (the probe) are left out.
+        limit_policies = [n for n in limit_policies if n in {name for name, _ in ladder}] or [ladder[0][0]]
     names = [n for n, _ in ladder]
     policies = {n: as_policy(p) for n, p in ladder}
     for name in limit_policies:
@@ -131,6 +169,8 @@ def plan_memory(
         "precision": precision,
         "fused_attention": fused_attention,
         "device": device,
+        "task": step.task,
+        "num_classes": step.num_classes if step.task != "pretrain" else None,
         "ladder": names,
         "rows": rows,
     }
@@ -164,9 +204,13 @@ class MemoryFit:
         )
 
 
-def estimator_setting(cfg: Any, ds: Any, world_size: int) -> tuple[StepSettings, dict[str, Any]]:
+def estimator_setting(
+    cfg: Any, ds: Any, world_size: int, task: str = "pretrain", num_classes: int = 0
+) -> tuple[StepSettings, dict[str, Any]]:
     """A run config and its resolved preset as the estimator's arguments: the step's settings, and how ranks share
-    it (strategy, world size, offload, bucket size)."""
+    it (strategy, world size, offload, bucket size). ``task`` "finetune" / "probe": the downstream trainer's step
+    (``num_classes`` outputs), with the same checkpointing policy rule."""
+    downstream = task != "pretrain"
     strategy = {"deepspeed": f"zero{ds.zero_stage}" if ds.zero_stage else "ddp", "fairscale": "zero1"}.get(
         ds.strategy, ds.strategy
     )
@@ -179,7 +223,9 @@ def estimator_setting(cfg: Any, ds: Any, world_size: int) -> tuple[StepSettings,
         policy=ds.activation_checkpointing or ({"policy": "full"} if cfg.model.use_checkpoint else None),
         fused_attention=cfg.model.fused_attention,
         contrastive_dim=cfg.ssl.contrastive_dim,
-        grad_cache_chunk=cfg.ssl.grad_cache_chunk,
+        grad_cache_chunk=0 if downstream else cfg.ssl.grad_cache_chunk,
+        task=task,
+        num_classes=num_classes if downstream else StepSettings.num_classes,
     )
     zero = (ds.deepspeed or {}).get("zero_optimization", {})
     sharding = {
@@ -257,9 +303,10 @@ def fit_memory(
     rows = 2 * batch_size * num_samples  # views per micro-batch
     chunks = [0]
     c = rows // 2
-    while c >= 1:
+    while c >= 1 and setting.task == "pretrain":  # gradient caching is the contrastive loss's
         chunks.append(c)
         c //= 2
+    ladder = task_ladder(ladder, setting)
     if estimate_kwargs.get("device", "cuda") == "cpu":
         # Offloading saved activations to host memory saves nothing when the device IS the host.
         ladder = [
@@ -288,18 +335,19 @@ def fit_memory(
         list(range(64, max(normalize_roi(roi)), 32)),
         lambda r: (
             estimate_memory(
-                dataclasses.replace(setting, roi=r, policy=as_policy(last_section), grad_cache_chunk=1),
+                dataclasses.replace(setting, roi=r, policy=as_policy(last_section), grad_cache_chunk=chunks[-1]),
                 **estimate_kwargs,
             ).total
             <= budget_bytes
         ),
     )
     hint = f"the largest cubic ROI that fits is {best_roi}" if best_roi else "not even ROI 64 fits"
+    caching = ", gradient caching down to one view per chunk" if chunks[-1] else ""
+    per_chunk = " and one view per chunk" if chunks[-1] else ""
     raise ConfigError(
         f"--fit-memory: ROI {list(normalize_roi(roi))} x batch {batch_size} x {num_samples} crops needs at least "
-        f"{smallest / GIB:.2f} GiB per rank (every checkpointing policy, gradient caching down to one view per "
-        f"chunk), over the budget of {budget_bytes / GIB:.2f} GiB; {hint} with {last_name!r} and one view per "
-        "chunk (or shard over more ranks)"
+        f"{smallest / GIB:.2f} GiB per rank (every checkpointing policy{caching}), over the budget of "
+        f"{budget_bytes / GIB:.2f} GiB; {hint} with {last_name!r}{per_chunk} (or shard over more ranks)"
     )
 
 
@@ -315,8 +363,11 @@ def _largest_batch(fits, max_batch: int) -> int | None:  # type: ignore[no-untyp
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as a fixed-width table."""
     roi = "x".join(str(r) for r in plan["roi"]) if plan["roi"] else "-"
+    task = plan.get("task", "pretrain")
+    what = f"{task} ({plan['num_classes']} classes), " if task != "pretrain" else ""
     lines = [
-        f"budget {plan['budget_bytes'] / GIB:.1f} GiB per rank, {plan['precision']}, crops x{plan['num_samples']}, "
+        f"{what}budget {plan['budget_bytes'] / GIB:.1f} GiB per rank, {plan['precision']}, "
+        f"crops x{plan['num_samples']}, "
         f"batch {plan['batch_size']}, requested roi {roi}, fused attention {'on' if plan['fused_attention'] else 'off'}"
     ]
     limit = list(plan["rows"][0]["largest_roi"]) if plan["rows"] else []

@@ -45,7 +45,8 @@ __all__ = ["profile_in_subprocess", "profile_memory"]
 
 # MONAI keeps each stage in a one-element ModuleList (never called itself): hook the stage, ``layers<i>.0``.
 TOP_LEVEL = ("swinViT.patch_embed", "swinViT.layers1.0", "swinViT.layers2.0", "swinViT.layers3.0", "swinViT.layers4.0")
-HEADS = ("rotation_head", "contrastive_head", "conv")
+# SwinUNETR (fine-tuning): its full-resolution convolutional blocks and output; the probe: its heads.
+HEADS = ("rotation_head", "contrastive_head", "conv", "encoder1", "decoder1", "out", "heads")
 
 
 def _module_peaks(model: nn.Module, tracker: StorageTracker) -> tuple[dict[str, dict[str, int]], list[Any]]:
@@ -141,20 +142,28 @@ def profile_memory(
     cuda = dev.type == "cuda"
     rss_baseline = current_rss_bytes()
     torch.manual_seed(seed)
-    net = build_model(step_cfg.model, step_cfg.contrastive_dim).to(dev)
+    if step_cfg.task == "pretrain":
+        net = build_model(step_cfg.model, step_cfg.contrastive_dim).to(dev)
+    else:
+        from ssl3d.downstream.model import build_downstream_model
+
+        net = build_downstream_model(step_cfg.task, step_cfg.model, step_cfg.num_classes).to(dev)
     if step_cfg.fused_attention:
         apply_fused_attention(net)
     apply_activation_checkpointing(net, step_cfg.policy)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(OptimConfig(), params)
-    inputs = make_step_inputs(step_cfg.roi, step_cfg.batch_size, step_cfg.num_samples, dev)
+    inputs = make_step_inputs(step_cfg.roi, step_cfg.batch_size, step_cfg.num_samples, dev, step_cfg.task)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for v in inputs.values():
         if v.is_floating_point():
             v.copy_(torch.rand(v.shape, generator=gen))
-    inputs["rot_labels"].copy_(torch.randint(0, 4, inputs["rot_labels"].shape, generator=gen))
-    loss_fn = SSLLoss()
+    if step_cfg.task == "pretrain":
+        inputs["rot_labels"].copy_(torch.randint(0, 4, inputs["rot_labels"].shape, generator=gen))
+    else:  # class indices as float, as the labelled loader delivers them
+        inputs["label"].copy_(torch.randint(0, step_cfg.num_classes, inputs["label"].shape, generator=gen))
+    loss_fn = SSLLoss() if step_cfg.task == "pretrain" else None
     dtype = DTYPES[step_cfg.precision]
     measured: dict[str, Any] = {}
     times: list[float] = []
@@ -232,6 +241,8 @@ def profile_memory(
             "fused_attention": step_cfg.fused_attention,
             "two_passes": step_cfg.two_passes,
             "grad_cache_chunk": step_cfg.grad_cache_chunk,
+            "task": step_cfg.task,
+            "num_classes": step_cfg.num_classes if step_cfg.task != "pretrain" else None,
             "steps": steps,
         },
         "measured": measured,
