@@ -4,6 +4,7 @@ starts, a run that writes Dice, overlays and checkpoints, an exact resume, and a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -153,3 +154,37 @@ def test_comparison_over_inits_and_seeds_writes_one_table(demo, tmp_path, capsys
     assert row["final_dice_mean"] == pytest.approx(np.mean(runs)) and row["seeds"] == [0, 1]
     assert "| none | 2 | 2 |" in (root / "comparison.md").read_text()
     assert Image.open(root / "comparison.png").size == (760, 480)
+
+
+def test_finetune_fit_memory_applies_the_chosen_policy(demo, tmp_path, capsys, monkeypatch) -> None:
+    """``ssl3d finetune --fit-memory``: a budget one byte under the run as configured (no checkpointing) makes the
+    planner choose a rung, and the SwinUNETR that trains carries exactly that rung's checkpointed modules."""
+    from ssl3d.downstream.model import build_downstream_model
+    from ssl3d.downstream.trainer import SegmentationTrainer
+    from ssl3d.memory import apply_activation_checkpointing, checkpointed_modules
+    from ssl3d.memory.estimate import estimate_memory
+    from ssl3d.memory.plan import DEFAULT_LADDER
+    from ssl3d.step import StepSettings
+
+    classes = len(json.loads(Path(demo).read_text())["labels"])
+    model = ModelConfig(feature_size=12, depths=(1, 1, 1, 1))
+    step = StepSettings(model, tuple(RUN["data.roi"]), 1, 1, "fp32", task="finetune", num_classes=classes)
+    budget = estimate_memory(step, device="cpu").total - 1
+    applied: dict = {}
+    fit = SegmentationTrainer.fit
+
+    def recording_fit(self):  # what the model the run trains really carries
+        applied["modules"] = checkpointed_modules(self.model)
+        return fit(self)
+
+    monkeypatch.setattr(SegmentationTrainer, "fit", recording_fit)
+    logdir = tmp_path / "fit"
+    args = ["finetune", "--datalist", str(demo), f"--fit-memory={budget}", *flags(logdir, 1)]
+    assert main([*args, '--set=train.precision="fp32"', '--set=train.device="cpu"']) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "--fit-memory" in x)
+    name = re.search(r"activation checkpointing '([^']+)'", line)[1]
+    assert name != "none" and "no gradient caching" in line
+    expected = build_downstream_model("finetune", model, classes)
+    apply_activation_checkpointing(expected, dict(DEFAULT_LADDER)[name])
+    assert applied["modules"] == checkpointed_modules(expected) != {}
+    assert (logdir / "model_final.pt").is_file()
