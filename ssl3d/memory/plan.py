@@ -177,8 +177,9 @@ def plan_memory(
     if plot_path is not None:
         grid = list(plot_rois) if plot_rois else [r for r in rois if r <= 256]
         result["plot"] = plot_memory_vs_roi(
-            plot_path, model, grid, batch_size, num_samples, precision, fused_attention, device, ladder, budget_bytes
-        )
+            plot_path, model, grid, batch_size, num_samples, precision, fused_attention, device, ladder, budget_bytes,
+            task=step.task, num_classes=step.num_classes,
+        )  # fmt: skip
     return result
 
 
@@ -415,19 +416,19 @@ def plot_memory_vs_roi(
     device: str = "cuda",
     ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
     budget_bytes: int | None = None,
+    *,
+    task: str = "pretrain",
+    num_classes: int = 14,
 ) -> str:
-    """PNG of estimated peak memory (one rank, no sharding) against cubic ROI, one line per ladder policy."""
+    """PNG of estimated peak memory (one rank, no sharding) against cubic ROI, one line per ladder policy; ``task``
+    and ``num_classes`` as in ``StepSettings`` (fine-tuning: SwinUNETR's step)."""
     from PIL import Image, ImageDraw
 
     series = {}
     for name, pol in ladder:
-        series[name] = [
-            estimate_memory(
-                model, r, batch_size, num_samples, precision, as_policy(pol), fused_attention, device=device
-            ).total
-            / GIB
-            for r in rois
-        ]
+        step = StepSettings(model, 64, batch_size, num_samples, precision, as_policy(pol), fused_attention)
+        step = dataclasses.replace(step, task=task, num_classes=num_classes)
+        series[name] = [estimate_memory(dataclasses.replace(step, roi=r), device=device).total / GIB for r in rois]
     w, h, left, right, top, bottom = 900, 560, 70, 190, 40, 50
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
@@ -467,8 +468,8 @@ def plot_memory_vs_roi(
         d.line([left, y, w - right, y], fill=(0, 0, 0), width=1)
         d.text((left + 6, y - 14), f"budget {budget_bytes / GIB:g} GiB", fill="black")
     title = (
-        f"estimated peak per rank (GiB) vs cubic ROI; feature {model.feature_size}, batch {batch_size}x{num_samples}, "
-        f"{precision}, {device}"
+        f"estimated peak per rank (GiB) vs cubic ROI; {task}, feature {model.feature_size}, "
+        f"batch {batch_size}x{num_samples}, {precision}, {device}"
     )
     d.text((left, 12), title, fill="black")
     d.text((w // 2 - 20, h - 20), "ROI (voxels per side)", fill="black")
