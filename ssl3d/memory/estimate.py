@@ -570,7 +570,8 @@ def _rank_bytes(
             notes.append("single: world_size ignored (one process)")
         if strategy == "ddp":
             # gradient_as_bucket_view=True: the gradients ARE DDP's buckets, allocated for the whole run.
-            grads = np.maximum(grads, params)  # same shapes (and allocator rounding) as the parameters
+            # Same shapes (and allocator rounding) as the trained parameters (the probe's frozen encoder has none).
+            grads = np.maximum(grads, params * (units.get("trainable", units["total"]) / max(units["total"], 1)))
     elif strategy in ("zero1", "zero2"):
         # DeepSpeed 0.19's stage 1 also reduces gradients into this rank's partition (measured: as stage 2).
         opt = opt / n

@@ -83,6 +83,10 @@ def test_probe_has_no_encoder_gradients_or_optimizer_states() -> None:
     assert int(trace.column("gradients").max()) == head_bytes
     assert 2 * head_bytes <= _setup_bytes(trace, "optimizer_states") <= 2 * head_bytes + 8 * len(heads)
     assert trace.units["trainable"] == sum(p.numel() for p in heads)
+    # DDP's gradient buckets hold the trained parameters only.
+    ddp = estimate_memory(TINY, ROI, 1, 1, policy="none", device="cpu", task="probe", num_classes=CLASSES,
+                          strategy="ddp", world_size=2)  # fmt: skip
+    assert ddp.breakdown["gradients"] == pytest.approx(head_bytes, abs=1)
     # The encoder runs under no_grad: no policy changes anything, and the ladder is one rung.
     full = _trace("probe", "full")
     assert (full.events[:, 1:].max(0) == trace.events[:, 1:].max(0)).all()
