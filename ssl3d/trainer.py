@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model import build_model
 from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer, lr_at
+from ssl3d.preemption import PreemptionFlag, StepBoundary
 from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
 from ssl3d.ssl.monitors import collapse_monitors
 from ssl3d.ssl.task import LOSS_KEYS, SSLTask
@@ -39,42 +38,6 @@ from ssl3d.strategies import Strategy, read_checkpoint_weights
 from ssl3d.strategies.precision import StepResult
 
 MAX_LOADER_RESTARTS = 3
-
-
-class PreemptionFlag:
-    """Signals are state: while the loop runs, a preemption signal only sets this flag; the loop reads it at the
-    next step boundary, where ranks agree on it, and leaves through the normal checkpoint path. Handlers are
-    installed for the loop only (the main thread's previous handlers come back after it)."""
-
-    def __init__(self, names: list[str], rank: int):
-        self.signals = [signal.Signals[n] for n in names]
-        self.rank = rank
-        self.signum: int | None = None  # the signal this rank received
-        self.agreed_signum: int | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        # Nothing else here: the handler may interrupt a print or a write, and re-entering one raises.
-        if self.signum is None:
-            self.signum = signum
-
-    def agreed(self, signum: int) -> None:
-        self.agreed_signum = signum
-
-    def describe(self) -> str:
-        got = signal.Signals(self.agreed_signum or self.signum or signal.SIGTERM).name
-        return f"preempted by {got} ({'this rank' if self.signum else 'another rank'})"
-
-    def __enter__(self) -> PreemptionFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 @dataclass
@@ -157,6 +120,7 @@ class Trainer:
         self.train_loader.set_epoch(s.epoch, s.batch_in_epoch)
         self.log = RunLogger(self.logdir, enabled=strategy.is_main)
         self.preemption = PreemptionFlag(cfg.train.preempt_signals, strategy.rank)
+        self.boundary = StepBoundary(strategy, self.preemption, cfg.train.checkpoint_every_minutes, self.save)
 
     # -- one step ------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], StepResult]:
@@ -369,7 +333,7 @@ class Trainer:
         )
         self.model.train()
         last_val: dict[str, float] = {}
-        self._last_save = time.monotonic()
+        self.boundary.start()
         with self.preemption:
             return self._loop(batches, bar, volumes_per_step, last_val)
 
@@ -432,7 +396,7 @@ class Trainer:
                 if improved:
                     self.checkpoints.save_best(self._extra())
                 self.log.flush()
-            if self._step_boundary(saved) and s.step < cfg.train.num_steps:  # (done anyway at the last step)
+            if self.boundary(s.step, saved) and s.step < cfg.train.num_steps:  # (done anyway at the last step)
                 bar.close()
                 self.log.flush()
                 raise Preempted(
@@ -441,26 +405,6 @@ class Trainer:
                 )
         bar.close()
         return self.finish(last_val)
-
-    def _step_boundary(self, saved: bool) -> bool:
-        """Ranks agree (one small all-reduce) on whether any of them got a preemption signal and whether the
-        time-based checkpoint is due (rank 0's clock decides); either writes a checkpoint unless this step already
-        has one. Returns True when the run must stop."""
-        now = time.monotonic()
-        if saved:
-            self._last_save = now
-        minutes = self.cfg.train.checkpoint_every_minutes
-        due = self.strategy.is_main and minutes is not None and now - self._last_save >= 60 * minutes
-        signum, due_any = self.strategy.max_over_ranks([float(self.preemption.signum or 0), float(due)])
-        if self.preemption.signum:
-            name = signal.Signals(self.preemption.signum).name
-            print(f"ssl3d: rank {self.strategy.rank} got {name}: stopping after step {self.state.step}", flush=True)
-        if (signum or due_any) and not saved:
-            self.save()
-            self._last_save = time.monotonic()
-        if signum:
-            self.preemption.agreed(int(signum))
-        return bool(signum)
 
     def finish(self, last_val: dict[str, float]) -> dict[str, Any]:
         """Export the encoder for fine-tuning and write a summary next to the logs."""

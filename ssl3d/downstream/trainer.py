@@ -28,11 +28,13 @@ from ssl3d.downstream.data import build_labelled_loaders
 from ssl3d.downstream.datalist import LabelledData
 from ssl3d.downstream.model import InitSource, build_downstream_model, load_encoder
 from ssl3d.downstream.task import SegmentationTask
-from ssl3d.errors import TrainingStopped
+from ssl3d.errors import Preempted, TrainingStopped
+from ssl3d.fault_injection import Faults
 from ssl3d.logger import RunLogger
 from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer, lr_at
+from ssl3d.preemption import PreemptionFlag, StepBoundary
 from ssl3d.step import run_step
 from ssl3d.strategies import Strategy
 
@@ -50,8 +52,11 @@ class FinetuneState:
 
 
 class SegmentationTrainer:
-    def __init__(self, cfg: Config, strategy: Strategy, data: LabelledData, init: InitSource | None):
+    def __init__(
+        self, cfg: Config, strategy: Strategy, data: LabelledData, init: InitSource | None, faults: Faults | None = None
+    ):
         self.cfg, self.strategy, self.data = cfg, strategy, data
+        self.faults = faults if faults is not None else Faults.from_env()  # tests' planted faults; none in a run
         self.device = strategy.device
         self.logdir = Path(cfg.train.logdir)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -77,6 +82,14 @@ class SegmentationTrainer:
             cfg, data, strategy.rank, strategy.world_size, s.epoch, s.batch_in_epoch
         )
         self.log = RunLogger(self.logdir, enabled=strategy.is_main)
+        # Preemption signals and train.checkpoint_every_minutes, at step boundaries as in pre-training.
+        self.preemption = PreemptionFlag(cfg.train.preempt_signals, strategy.rank)
+        self.boundary = StepBoundary(
+            strategy,
+            self.preemption,
+            cfg.train.checkpoint_every_minutes,
+            lambda: self.checkpoints.save(self.state.step, self._extra()),
+        )
 
     # -- one step ------------------------------------------------------------------------------------------
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
@@ -176,6 +189,14 @@ class SegmentationTrainer:
             dynamic_ncols=True,
         )
         self.model.train()
+        self.boundary.start()
+        with self.preemption:
+            last_val = self._loop(batches, bar)
+        bar.close()
+        return self._finish(last_val)
+
+    def _loop(self, batches: Any, bar: Any) -> dict[str, float]:
+        cfg, s, strategy = self.cfg, self.state, self.strategy
         last_val: dict[str, float] = {}
         while s.step < cfg.train.num_steps:
             t0 = time.perf_counter()
@@ -183,6 +204,7 @@ class SegmentationTrainer:
             loss, norm = self.train_step(micro)
             dt = time.perf_counter() - t0
             s.step += 1
+            self.faults.after_step(s.step, strategy.rank)
             if math.isfinite(loss) and math.isfinite(norm):
                 s.bad_steps_in_row = 0
             else:
@@ -199,7 +221,8 @@ class SegmentationTrainer:
                 self.log.scalars(scalars | {f"memory/{k}": v for k, v in strategy.memory_report().items()}, s.step)
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
-            if s.step % cfg.train.eval_num == 0 or s.step == cfg.train.num_steps:
+            saved = s.step % cfg.train.eval_num == 0 or s.step == cfg.train.num_steps
+            if saved:
                 last_val = self.validate()
                 self.log.scalars({f"Validation/dice_{k}": v for k, v in last_val.items() if k != "mean_dice"}, s.step)
                 self.log.scalars({"Validation/mean_dice": last_val["mean_dice"]}, s.step)
@@ -211,7 +234,17 @@ class SegmentationTrainer:
                     self.checkpoints.save_best(self._extra())
                     self._save_weights("model_best.pt")
                 self.log.flush()
-        bar.close()
+            if self.boundary(s.step, saved) and s.step < cfg.train.num_steps:
+                bar.close()
+                self.log.flush()
+                raise Preempted(
+                    f"{self.preemption.describe()}: every rank stopped after step {s.step} of {cfg.train.num_steps}; "
+                    f"checkpoint {self.checkpoints.latest()}; run the same command with --resume auto to continue"
+                )
+        return last_val
+
+    def _finish(self, last_val: dict[str, float]) -> dict[str, Any]:
+        cfg, s, strategy = self.cfg, self.state, self.strategy
         self._save_weights("model_final.pt")
         summary: dict[str, Any] = {}
         if strategy.is_main:

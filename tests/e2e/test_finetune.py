@@ -139,6 +139,24 @@ def test_finetune_from_an_export_logs_dice_and_overlays_and_resumes_exactly(demo
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
 
+    # Preempted (a real SIGTERM to this process after step 1, between validations): a checkpoint at step 1, exit 4;
+    # the same command with --resume auto continues from it to the same losses.
+    preempted = tmp_path / "preempted"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSL3D_SIGTERM_AT_STEP", "1")
+        assert main([*common, *flags(preempted, 4, **extra)]) == 4
+    err = capsys.readouterr().err
+    assert "preempted by SIGTERM (this rank): every rank stopped after step 1 of 4" in err, err
+    assert sorted(p.name for p in (preempted / "checkpoints").iterdir() if p.name.startswith("step")) == [
+        "step_00000001"
+    ]
+    assert main([*common, *flags(preempted, 4, **extra), "--resume", "auto"]) == 0
+    assert "step_00000001 at step 1" in capsys.readouterr().out  # resumed from the preemption's checkpoint
+    assert tags(preempted)["train/loss"] == pytest.approx(logged["train/loss"], rel=1e-6)
+    c = torch.load(preempted / "model_final.pt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=0, atol=2e-5, msg=k)
+
 
 def test_comparison_over_inits_and_seeds_writes_one_table(demo, tmp_path, capsys) -> None:
     weights = export(tmp_path)
