@@ -188,3 +188,11 @@ def test_memory_estimate_downstream_needs_classes(capsys) -> None:
     assert main(["memory", "estimate", "--task=finetune", "--device=cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ssl3d: error: --num-classes: needed for --task finetune")
+
+
+def test_finetune_fit_memory_bad_size_is_one_line_and_nothing_starts(tmp_path, capsys) -> None:
+    logdir = tmp_path / "r"
+    assert main(["finetune", "--fit-memory=lots", f"--set=train.logdir={json.dumps(str(logdir))}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ssl3d: error: --fit-memory: got 'lots', expected a size such as 32GiB, 80GB or 500MiB"]
+    assert not logdir.exists() and not (tmp_path / "demo_data").exists()
