@@ -266,7 +266,7 @@ def format_profile(result: dict[str, Any]) -> str:
     """Measured next to estimated, in GiB."""
     m = result["measured"]
     lines = [f"device {result['device']}  config {json.dumps(result['config'])}"]
-    for key in ("cuda_max_allocated", "cuda_max_reserved", "tracked_peak", "rss_peak_over_baseline", "rss_peak"):
+    for key in ("cuda_max_allocated", "cuda_max_reserved", "tracked_peak", "rss_peak_over_baseline"):
         if key in m:
             lines.append(f"measured {key:<24} {m[key] / GIB:8.3f} GiB")
     if "estimate" in result:
@@ -274,7 +274,8 @@ def format_profile(result: dict[str, Any]) -> str:
         lines.append(f"estimated allocated peak          {b['allocated_peak'] / GIB:8.3f} GiB")
         lines.append(f"estimated total                   {b['total'] / GIB:8.3f} GiB")
         lines.append(f"estimate / measured                {result['estimate_vs_measured']:8.3f}")
-        if "process_peak" in b:
+        if "process_peak" in b and "rss_peak" in m:
+            lines.append(f"measured whole-process peak (RSS) {m['rss_peak'] / GIB:8.3f} GiB")
             lines.append(f"estimated whole-process peak      {b['process_peak'] / GIB:8.3f} GiB")
             lines.append(f"whole-process estimate / measured  {result['process_estimate_vs_measured']:8.3f}")
     for name, s in result.get("module_peaks", {}).items():
