@@ -27,16 +27,15 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ssl3d.run_config import DEMO_CPU  # noqa: E402
+
+# The CPU demo preset's model, data and optimiser (``ssl3d pretrain`` with no config), cosine schedule.
 BASE = {
-    "model.feature_size": 12,
-    "model.depths": [1, 1, 1, 1],
-    "model.fused_attention": False,
-    "data.roi": [64, 64, 64],
-    "data.num_samples": 2,
+    **{k: v for k, v in DEMO_CPU.items() if not k.startswith("train.")},
     "data.num_workers": 1,
     "train.batch_size": 1,
-    "optim.lr": 1e-3,
-    "optim.warmup_steps": 5,
     "optim.schedule": "warmup_cosine",
     "train.progress": False,
 }
