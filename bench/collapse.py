@@ -11,7 +11,7 @@ global negatives), read back from its TensorBoard events at every validation:
 - ``contrastive-x4``: contrastive weight 4 (the reconstruction loss no longer dominates the encoder's gradient);
 - ``gather-2-ranks``: DDP on 2 ranks with ``"gather_contrastive": true``: each rank's loss sees both ranks' views.
 
-    python bench/collapse.py --work /tmp/ssl3d_collapse --steps 120     # ~25 min on 2 idle cores
+    python bench/collapse.py --work /tmp/ssl3d_collapse --steps 60 --eval-every 20   # results: BENCHMARKS.md
 """
 
 from __future__ import annotations
