@@ -234,6 +234,18 @@ def write_label_map(label: Path | str, image: Path | str, lut: np.ndarray, dst: 
     os.replace(partial, dst)
 
 
+def extract_folder(tar: tarfile.TarFile, member: str, dest: Path) -> Path:
+    """The files directly or indirectly under the archive folder ``member`` (ending in "/"), flat into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for m in tar.getmembers():
+        if m.isfile() and m.name.startswith(member):
+            f = tar.extractfile(m)
+            if f is None:
+                raise RuntimeError(f"{m.name}: not a regular file in {tar.name}")
+            (dest / Path(m.name).name).write_bytes(f.read())
+    return dest
+
+
 def _extract_image(tar: tarfile.TarFile, member: str, dst: Path, tmp: Path) -> None:
     """A NIfTI member as it is; a folder of DICOM slices converted by ``ssl3d data prepare``'s reader."""
     if not member.endswith("/"):
@@ -241,13 +253,7 @@ def _extract_image(tar: tarfile.TarFile, member: str, dst: Path, tmp: Path) -> N
         return
     from ssl3d.data.prepare import prepare_dataset
 
-    series = tmp / "dicom" / "case" / "ct"
-    series.mkdir(parents=True)
-    for m in tar.getmembers():
-        if m.isfile() and m.name.startswith(member):
-            f = tar.extractfile(m)
-            assert f is not None
-            (series / Path(m.name).name).write_bytes(f.read())
+    extract_folder(tar, member, tmp / "dicom" / "case" / "ct")
     report = prepare_dataset(tmp / "dicom", tmp / "dicom_out", workers=0, progress=False)
     if len(report.converted) != 1:
         raise RuntimeError(f"{member}: expected one DICOM series, converted {len(report.converted)}")

@@ -367,19 +367,13 @@ def test_parallel_workers_give_the_same_outputs(tree: Path, prepared: prep.Prepa
 @pytest.mark.skipif(os.environ.get("SSL3D_OFFLINE") == "1", reason="SSL3D_OFFLINE=1: no PyPI")
 def test_totalsegmentator_dicom_series_matches_monai(tmp_path: Path) -> None:
     """Downloads the 27 MB TotalSegmentator 2.18.0 sdist from PyPI (a few seconds); SSL3D_OFFLINE=1 skips it."""
-    from ssl3d.data.samples import SOURCES, _pip_download
+    from ssl3d.data.samples import SOURCES, _pip_download, extract_folder
 
     pytest.importorskip("PIL")  # decodes its JPEG 2000 pixel data
     archive = _pip_download(next(s for s in SOURCES if s.package == "totalsegmentator"), tmp_path)
     member_dir = "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/"
-    series = tmp_path / "src" / "patient" / "ct"
-    series.mkdir(parents=True)
     with tarfile.open(archive, "r:gz") as tar:
-        for m in tar.getmembers():
-            if m.isfile() and m.name.startswith(member_dir):
-                f = tar.extractfile(m)
-                assert f is not None
-                (series / Path(m.name).name).write_bytes(f.read())
+        series = extract_folder(tar, member_dir, tmp_path / "src" / "patient" / "ct")
     report = prepare_dataset(tmp_path / "src", tmp_path / "dst", workers=0, progress=False)
     assert len(report.converted) == 1 and not report.skipped
     rec = report.converted[0]
