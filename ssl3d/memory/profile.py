@@ -145,7 +145,7 @@ def profile_memory(
     if step_cfg.task == "pretrain":
         net = build_model(step_cfg.model, step_cfg.contrastive_dim).to(dev)
     else:
-        from ssl3d.downstream.model import build_downstream_model
+        from ssl3d.model.segmentation import build_downstream_model
 
         net = build_downstream_model(step_cfg.task, step_cfg.model, step_cfg.num_classes).to(dev)
     if step_cfg.fused_attention:

@@ -41,7 +41,7 @@ def meta_model(key: str, contrastive_dim: int, task: str = "pretrain", num_class
     with _MetaInit():
         if task == "pretrain":
             return build_model(cfg, contrastive_dim)
-        from ssl3d.downstream.model import build_downstream_model
+        from ssl3d.model.segmentation import build_downstream_model
 
         return build_downstream_model(task, cfg, num_classes)
 

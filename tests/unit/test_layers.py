@@ -14,7 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ssl3d"
 # Single-device code: it never looks at how it is run, sharded, estimated or launched.
 LOWER = ("ssl3d.model", "ssl3d.ssl", "ssl3d.data")
-UPPER = ("ssl3d.strategies", "ssl3d.memory", "ssl3d.trainer", "ssl3d.cli", "ssl3d.run_config", "ssl3d.checkpoint")
+UPPER = (
+    "ssl3d.strategies",
+    "ssl3d.memory",
+    "ssl3d.trainer",
+    "ssl3d.cli",
+    "ssl3d.run_config",
+    "ssl3d.checkpoint",
+    "ssl3d.downstream",
+)
 
 
 def _modules(package: Path = PACKAGE) -> dict[str, tuple[Path, bool]]:
