@@ -141,6 +141,14 @@ class CheckpointPolicy:
                 else:
                     values[key] = section[key]
 
+        def positive_int(key: str, note: str = "") -> None:
+            if key in section:
+                v = section[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    problems.append(f"{prefix}.{key}: got {json.dumps(v)}, expected an integer >= 1{note}")
+                else:
+                    values[key] = v
+
         for key in ("decoder", "merging", "offload_to_cpu", "partition_activations", "contiguous_memory_optimization"):
             boolean(key)
         for key in ("synchronize_checkpoint_boundary", "profile"):
@@ -164,24 +172,14 @@ class CheckpointPolicy:
                 problems.append(f"{prefix}.stages: got {json.dumps(list(st))}, expected indices in 0-3 (4 stages)")
             else:
                 values["stages"] = tuple(sorted(set(st)))
-        if "every_k_blocks" in section:
-            k = section["every_k_blocks"]
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                problems.append(f"{prefix}.every_k_blocks: got {json.dumps(k)}, expected an integer >= 1")
-            else:
-                values["every_k_blocks"] = k
+        positive_int("every_k_blocks")
         if "part" in section:
             part = section["part"]
             if part not in PARTS:
                 problems.append(f"{prefix}.part: got {json.dumps(part)}, expected one of {', '.join(PARTS)}")
             else:
                 values["part"] = part
-        if "mlp_chunks" in section:
-            c = section["mlp_chunks"]
-            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-                problems.append(f"{prefix}.mlp_chunks: got {json.dumps(c)}, expected an integer >= 1 (1: off)")
-            else:
-                values["mlp_chunks"] = c
+        positive_int("mlp_chunks", " (1: off)")
         if "number_checkpoints" in section:
             nc = section["number_checkpoints"]
             if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):

@@ -46,16 +46,7 @@ def _real_tracked_peak(policy: str, num_samples: int) -> int:
     loss_fn = SSLLoss()
     training_step(model, opt, inputs, loss_fn)
     tracker = StorageTracker()
-    for p in params:
-        tracker.register(p, "parameters")
-    for b in model.buffers():
-        tracker.register(b, "buffers")
-    for s in opt.state.values():
-        for v in s.values():
-            tracker.register(v, "optimizer_states")
-    for v in inputs.values():
-        tracker.register(v, "inputs")
-    tracker.watch_gradients(params)
+    tracker.register_step_state(model, opt, inputs)
     with tracker:
         training_step(model, opt, inputs, loss_fn, phase=tracker.set_phase)
     tracker.remove_hooks()
