@@ -2,9 +2,12 @@
 
 The reference-equivalent mode reproduces what the published script does per step: anomaly detection on,
 per-sample/per-cuboid Python augmentation loops with NumPy random numbers, two forward passes (one per view).
-Each mode runs in its own fresh process so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
+Each mode runs in its own fresh process so peak memory (max RSS on CPU, max allocated on CUDA) is its own; the
+minor page faults it prints show how often the allocator asked the kernel for fresh pages (run the command under
+``LD_PRELOAD=...`` or ``MALLOC_*`` variables to compare allocators: both modes inherit them).
 
     python bench/step.py --feature-size 48 --roi 64 --batch 1 --crops 2 --steps 3 --threads 2
+    python bench/step.py --modes ssl3d --policy '{"policy": "selective", "stages": [0, 1], "part": "both"}'
     python bench/step.py --modes ssl3d --roi 96 --device cuda --precision bf16
 """
 
@@ -92,7 +95,8 @@ def run_one(a: argparse.Namespace) -> dict:
 
         if not a.eager_attention:
             apply_fused_attention(model)
-        apply_activation_checkpointing(model, a.policy)
+        policy = json.loads(a.policy) if a.policy.lstrip().startswith("{") else a.policy
+        apply_activation_checkpointing(model, policy)
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     loss_fn = SSLLoss()
@@ -132,6 +136,7 @@ def run_one(a: argparse.Namespace) -> dict:
         "step_time_s": sum(steady) / len(steady),
         "step_times_s": [round(t, 3) for t in steady],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
     }
     if device.type == "cuda":
         out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -153,7 +158,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--use-checkpoint", action="store_true", help="reference mode: MONAI's per-block checkpointing")
-    p.add_argument("--policy", default="none", help="ssl3d mode: activation checkpointing policy (none, full, ...)")
+    p.add_argument(
+        "--policy",
+        default="none",
+        help="ssl3d mode: activation checkpointing policy (none, full, ... or a JSON section)",
+    )
     p.add_argument("--eager-attention", action="store_true", help="ssl3d mode: MONAI's eager window attention")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args()
@@ -170,7 +179,7 @@ def main() -> None:
         label = a.policy if mode == "ssl3d" else ("use_checkpoint" if a.use_checkpoint else "plain")
         print(
             f"{mode:10s} {label:14s} step {r['step_time_s']:.2f} s  "
-            f"peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}"
+            f"peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}  page faults {r['minor_page_faults']}"
         )
     if len(results) == 2:
         ref, ours = results

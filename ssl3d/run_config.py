@@ -163,6 +163,7 @@ def apply_memory_fit(cfg: Config, strategy: Any, budget: int, task: str = "pretr
     ``task`` "finetune" / "probe" (``ssl3d finetune|probe``): the downstream step with ``num_classes`` outputs; the
     trainers read the policy from ``strategy.ds_config``."""
     from ssl3d.memory.plan import estimator_setting, fit_memory
+    from ssl3d.memory.process import return_freed_memory
 
     assert strategy.ds_config is not None
     step, sharding = estimator_setting(cfg, strategy.ds_config, strategy.world_size, task, num_classes)
@@ -170,8 +171,11 @@ def apply_memory_fit(cfg: Config, strategy: Any, budget: int, task: str = "pretr
     strategy.ds_config = dataclasses.replace(strategy.ds_config, activation_checkpointing=fit.policy)
     if task == "pretrain":
         cfg.ssl.grad_cache_chunk = fit.grad_cache_chunk
+    # The CPU estimate is live memory; glibc's defaults keep freed blocks and would peak well above it.
+    returned = strategy.device.type == "cpu" and return_freed_memory()
     if strategy.is_main:
-        print(f"ssl3d: --fit-memory: {fit.describe(budget)}")
+        note = "; freed host memory goes back to the system at once (slower steps, peak RSS follows the estimate)"
+        print(f"ssl3d: --fit-memory: {fit.describe(budget)}{note if returned else ''}")
 
 
 def parse_bytes(text: str, flag: str = "--budget") -> int:

@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def tiny_model_cfg() -> ModelConfig:
     return ModelConfig(**TINY)
+
+
+@pytest.fixture
+def keep_pytest_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--fit-memory`` on the CPU switches the running process's malloc to returning freed memory at once (slower
+    allocations from then on); a test that runs it inside pytest sets glibc's own variable, as a user who tuned
+    malloc would, so ssl3d leaves this process alone (tests/unit/test_memory_process.py runs the switch for real,
+    in a subprocess). The variable is read by glibc only at a process's start: it changes nothing here."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")

@@ -47,7 +47,7 @@ from ssl3d.memory.activation_checkpointing import (
     as_policy,
     simulate_offload,
 )
-from ssl3d.memory.process import process_baseline_bytes
+from ssl3d.memory.process import ALLOCATOR_NOTE, process_baseline_bytes
 from ssl3d.model.meta import meta_model, model_key
 from ssl3d.optim import build_optimizer
 from ssl3d.ssl import SSLLoss, SSLViews
@@ -693,6 +693,7 @@ def estimate_memory(
         baseline = process_baseline_bytes() if process_baseline is None else int(process_baseline)
         breakdown["process_baseline"] = baseline
         breakdown["process_peak"] = breakdown["total"] + baseline
+        notes.append(ALLOCATOR_NOTE)
     config = {
         "model": dataclasses.asdict(step.model),
         "roi": list(step.roi),

@@ -10,6 +10,7 @@ versions, so a new torch or MONAI measures again.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -18,12 +19,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["BASELINE_IMPORTS", "baseline_key", "measure_process_baseline", "process_baseline_bytes"]
+__all__ = [
+    "ALLOCATOR_NOTE",
+    "BASELINE_IMPORTS",
+    "MALLOC_ENV",
+    "baseline_key",
+    "measure_process_baseline",
+    "process_baseline_bytes",
+    "return_freed_memory",
+]
 
 # The training entry points: the trainer (strategies, data, TensorBoard) and the profiler the benchmarks run.
 BASELINE_IMPORTS = ("ssl3d.trainer", "ssl3d.memory.profile")
 # glibc settings of profile_in_subprocess: large blocks go back to the kernel at once, so RSS means live memory.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+RETURN_THRESHOLD = 65536
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(RETURN_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(RETURN_THRESHOLD)}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+# What the CPU estimate assumes, and what a process with another allocator setting sees (BENCHMARKS.md, ROI 64).
+ALLOCATOR_NOTE = (
+    "CPU peaks assume freed memory is reused or returned as soon as it is free (as --fit-memory and `memory profile` "
+    "arrange); under glibc's default malloc a training process keeps freed blocks and peaks up to ~1.8x higher, "
+    "with tcmalloc (LD_PRELOAD) ~1.2x"
+)
 
 _PROBE = (
     "import importlib, json, sys\n"
@@ -90,3 +107,21 @@ def process_baseline_bytes(cache_dir: str | None = None) -> int:
     except OSError:
         pass
     return value
+
+
+def return_freed_memory(threshold: int = RETURN_THRESHOLD) -> bool:
+    """Make glibc's malloc give freed blocks of ``threshold`` bytes or more back to the kernel at once.
+
+    What ``MALLOC_ENV`` does at a process's start, for a process already running (``mallopt``). glibc's defaults
+    keep freed blocks for reuse, so a training step on the CPU peaks well above its live memory (up to 1.8x at
+    ROI 64, see BENCHMARKS.md) and above the estimate; returning them makes the peak RSS follow the estimate, at
+    the price of the kernel handing out fresh pages again every step (slower steps). Leaves a process alone whose
+    user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` and returns False there, and where the C
+    library is not glibc."""
+    if any(k in os.environ for k in MALLOC_ENV) or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1

@@ -37,6 +37,7 @@ from ssl3d.memory.estimate import (
     step_settings,
     training_step,
 )
+from ssl3d.memory.process import MALLOC_ENV
 from ssl3d.optim import build_optimizer
 from ssl3d.rss import current_rss_bytes, peak_rss_bytes
 from ssl3d.step import DTYPES, StepSettings
@@ -299,7 +300,7 @@ def profile_in_subprocess(timeout: float | None = None, **kwargs: Any) -> dict[s
         args["model"] = dataclasses.asdict(args["model"])
     if isinstance(args.get("policy"), CheckpointPolicy):
         args["policy"] = args["policy"].to_dict()
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    env = {**os.environ, **MALLOC_ENV}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(

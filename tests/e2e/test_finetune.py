@@ -174,7 +174,9 @@ def test_comparison_over_inits_and_seeds_writes_one_table(demo, tmp_path, capsys
     assert Image.open(root / "comparison.png").size == (760, 480)
 
 
-def test_finetune_fit_memory_applies_the_chosen_policy(demo, tmp_path, capsys, monkeypatch) -> None:
+def test_finetune_fit_memory_applies_the_chosen_policy(
+    demo, tmp_path, capsys, monkeypatch, keep_pytest_allocator
+) -> None:
     """``ssl3d finetune --fit-memory``: a budget one byte under the run as configured (no checkpointing) makes the
     planner choose a rung, and the SwinUNETR that trains carries exactly that rung's checkpointed modules."""
     from ssl3d.downstream.model import build_downstream_model

@@ -78,7 +78,7 @@ def test_fit_says_what_would_fit_when_nothing_does() -> None:
         fit_memory(10 * 2**20, TINY, ROI, 1, 2, precision="fp32", device="cpu")
 
 
-def test_pretrain_fit_memory_applies_the_plan(tmp_path, capsys, monkeypatch) -> None:
+def test_pretrain_fit_memory_applies_the_plan(tmp_path, capsys, monkeypatch, keep_pytest_allocator) -> None:
     run = {
         "model.feature_size": 12,
         "model.depths": [1, 1, 1, 1],
