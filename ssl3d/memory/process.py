@@ -116,11 +116,14 @@ def return_freed_memory(threshold: int = RETURN_THRESHOLD) -> bool:
     keep freed blocks for reuse, so a training step on the CPU peaks well above its live memory (up to 1.8x at
     ROI 64, see BENCHMARKS.md) and above the estimate; returning them makes the peak RSS follow the estimate, at
     the price of the kernel handing out fresh pages again every step (slower steps). Leaves a process alone whose
-    user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` and returns False there, and where the C
-    library is not glibc."""
+    user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` and returns False there, where the C library is
+    not glibc, and where another malloc is preloaded (tcmalloc, jemalloc: they manage freed memory themselves)."""
     if any(k in os.environ for k in MALLOC_ENV) or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    process, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
+    if ctypes.cast(process.malloc, ctypes.c_void_p).value != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+        return False  # another allocator is preloaded (tcmalloc, jemalloc): glibc's settings would not apply
+    mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
