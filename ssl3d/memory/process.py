@@ -123,8 +123,6 @@ def return_freed_memory(threshold: int = RETURN_THRESHOLD) -> bool:
     process, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
     if ctypes.cast(process.malloc, ctypes.c_void_p).value != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
         return False  # another allocator is preloaded (tcmalloc, jemalloc): glibc's settings would not apply
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return False
+    mallopt = libc.mallopt  # glibc has had it since its first malloc
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1
