@@ -139,7 +139,7 @@ def run_pretrain(a: argparse.Namespace, reference_flags: bool = False) -> int:
     from ssl3d.strategies import strategy_from_ds_config
     from ssl3d.trainer import Trainer
 
-    strategy = strategy_from_ds_config(ds, device)
+    strategy = strategy_from_ds_config(ds, device, cfg.train)
     try:
         if budget is not None:
             apply_memory_fit(cfg, strategy, budget)
@@ -334,7 +334,7 @@ def run_memory(a: argparse.Namespace) -> int:
     elif a.memory_cmd == "profile":
         from ssl3d.memory.profile import format_profile, profile_memory
 
-        result = profile_memory(step, steps=a.steps, snapshot_path=a.snapshot)
+        result = profile_memory(step, steps=a.steps, snapshot_path=a.snapshot, device=a.device)
         print(json.dumps(result, indent=2, default=str) if a.json else format_profile(result))
     else:
         from ssl3d.memory.plan import format_plan, plan_memory

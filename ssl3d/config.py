@@ -128,6 +128,13 @@ class TrainConfig:
     # Signals that make every rank finish its step, write a checkpoint and exit with code 4 (SLURM, Kubernetes and
     # spot instances send SIGTERM before killing; SLURM's --signal sends what it is told, e.g. USR1).
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # How long a collective waits for a lagging rank (torch's NCCL default is 10 minutes: less than a rank may spend
+    # building its data cache before the first collective).
+    collective_timeout_minutes: float = 30.0
+    # GPU speed switches (no effect on the CPU): cuDNN picks the fastest convolution for the fixed crop size once;
+    # TF32 matmuls and convolutions on Ampere and newer (fp32 runs and autocast's fp32 ops).
+    cudnn_benchmark: bool = True
+    allow_tf32: bool = True
 
 
 @dataclass
@@ -438,6 +445,11 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"train.eval_num: got {t.eval_num}, expected at least 1")
     if t.keep_checkpoints < 1:
         p.append(f"train.keep_checkpoints: got {t.keep_checkpoints}, expected at least 1")
+    if not t.collective_timeout_minutes > 0:
+        p.append(
+            f"train.collective_timeout_minutes: got {t.collective_timeout_minutes}, expected a positive number of "
+            "minutes (default 30)"
+        )
     if t.max_bad_steps < 1:
         p.append(f"train.max_bad_steps: got {t.max_bad_steps}, expected at least 1")
     if t.log_every < 1:

@@ -19,3 +19,16 @@ class CheckpointWriteError(TrainingStopped):
 
 class Preempted(RuntimeError):
     """A preemption signal stopped the run after a complete checkpoint; the message names the step and the folder."""
+
+
+# How device memory running out reads when it is not torch's own OutOfMemoryError: cuDNN's and cuBLAS's workspace
+# allocations and NCCL's buffers fail with a RuntimeError (or DistBackendError) whose text says so.
+OUT_OF_MEMORY_MARKERS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device ran out of memory, under any of the names CUDA's libraries give it."""
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m.lower() in text.lower() for m in OUT_OF_MEMORY_MARKERS)

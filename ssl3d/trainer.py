@@ -22,7 +22,7 @@ from ssl3d.checkpoint import CheckpointManager, export_swinvit, load_init_weight
 from ssl3d.config import Config
 from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
-from ssl3d.errors import Preempted, TrainingStopped
+from ssl3d.errors import Preempted, TrainingStopped, is_out_of_memory
 from ssl3d.fault_injection import Faults
 from ssl3d.logger import RunLogger, foreground_fraction
 from ssl3d.memory import apply_activation_checkpointing
@@ -61,6 +61,14 @@ def prepare_demo_data(cfg: Config, strategy: Strategy) -> None:
         resolve_data_config(cfg)
     strategy.barrier()
     cfg.data = resolve_data_config(cfg)
+
+
+def generator_device(state: torch.Tensor, saved: str | None) -> str:
+    """The device type a random generator's saved state belongs to: the recorded one, else told by its size (a CUDA
+    generator's state is 16 bytes, a CPU one's 5056; checkpoints written before the type was recorded)."""
+    if saved:
+        return saved
+    return "cuda" if state.numel() == 16 else "cpu"
 
 
 class Trainer:
@@ -235,6 +243,7 @@ class Trainer:
         extra = {
             **dataclasses.asdict(self.state),
             "generator": self.generator.get_state(),
+            "generator_device": self.device.type,
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
             "strategy": self.strategy.name,
@@ -273,10 +282,19 @@ class Trainer:
         if isinstance(s.history, str):  # checkpoints written before the loop state was saved as it is
             s.history = json.loads(s.history)
         s.batch_in_epoch = self._data_position(extra, saved_world)
-        if saved_world == self.strategy.world_size:
+        saved_device = generator_device(extra["generator"], extra.get("generator_device"))
+        if saved_world == self.strategy.world_size and saved_device == self.device.type:
             self.generator.set_state(extra["generator"])
-        else:  # ranks without a saved stream of their own: a fresh one per rank, not copies of rank 0's
+        else:
+            # Ranks without a saved stream of their own get a fresh one each, not copies of rank 0's; a stream saved
+            # on another device type (a CPU run resumed on a GPU, or back) cannot be loaded: CUDA's generator keeps
+            # 16 bytes, the CPU's 5056.
             self.generator.manual_seed(self.cfg.train.seed * 1000 + self.strategy.rank + 1 + 7919 * s.step)
+            if saved_device != self.device.type and self.strategy.is_main:
+                print(
+                    f"ssl3d: the augmentation stream was saved on the {saved_device}, this run is on the "
+                    f"{self.device.type}: re-seeded it (augmentations from here on differ from an uninterrupted run)"
+                )
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
@@ -344,7 +362,9 @@ class Trainer:
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
             try:
                 losses, result = self.train_step(micro)
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:  # torch.OutOfMemoryError, or cuDNN/cuBLAS/NCCL running out under their names
+                if not is_out_of_memory(exc):
+                    raise
                 bar.close()
                 del micro
                 raise TrainingStopped(self._out_of_memory_help(exc)) from None

@@ -458,7 +458,8 @@ def num_workers(d: DataConfig) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: the ranks sharing this node's CPUs.
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     return max(0, min(d.num_workers, cpus // max(local_procs, 1)))
 
 

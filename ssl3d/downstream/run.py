@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import itertools
 import json
 import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ssl3d.config import Config, DatalistConfig, read_json
 
@@ -111,7 +114,7 @@ def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[st
     budget = parse_bytes(fit_memory, "--fit-memory") if fit_memory else None
     cfg, source, data, notes = prepare_run(cfg, explicit)
     ds, device = check_run_inputs(cfg)
-    strategy = strategy_from_ds_config(ds, device)
+    strategy = strategy_from_ds_config(ds, device, cfg.train)
     if strategy.is_main:
         for note in notes:
             print(f"ssl3d: {note}")
@@ -124,7 +127,13 @@ def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[st
         # The same planner as pre-training, on this run's SwinUNETR / probe step (the trainer reads the policy).
         apply_memory_fit(cfg, strategy, budget, cfg.finetune.task, data.num_classes)
     trainer = SegmentationTrainer(cfg, strategy, data, source)
-    return trainer.fit()
+    summary = trainer.fit()
+    # A comparison trains several networks in this process: the finished one's engine and its device memory go.
+    del trainer, strategy
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return summary
 
 
 def run_downstream(a: argparse.Namespace, task: str) -> int:
@@ -148,11 +157,18 @@ def run_downstream(a: argparse.Namespace, task: str) -> int:
         a.overrides.append(f"train.seed={seeds[0]}")
     base = build_config(a, demo=False)
     combos = list(itertools.product(inits, labelled, seeds))
-    if len(combos) == 1:
-        summary = _run_one(base, explicit, a.fit_memory)
-        _print_summary(summary, base)
-        return 0
-    return _compare(base, explicit, combos, a.fit_memory)
+    try:
+        if len(combos) == 1:
+            summary = _run_one(base, explicit, a.fit_memory)
+            _print_summary(summary, base)
+            return 0
+        return _compare(base, explicit, combos, a.fit_memory)
+    finally:
+        # Every run of this process shares one process group; NCCL warns at exit when it was never destroyed.
+        from ssl3d.strategies.distributed import is_distributed
+
+        if is_distributed():
+            torch.distributed.destroy_process_group()
 
 
 def _compare(base: Config, explicit: set[str], combos: list[tuple], fit_memory: str | None) -> int:

@@ -60,13 +60,47 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: the CPU (ssl3d's CPU runs use it only when asked) and GPUs of
+    compute capability 8.0 and newer. torch's ``is_bf16_supported()`` also says yes on a V100 or T4, where bf16 is
+    emulated: no cuDNN bf16 convolutions, and attention falls back to the math kernel with fp32 scores."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs that support it, fp32 on the CPU (CPU autocast is slower than fp32 here)."""
+    """``auto``: bf16 on GPUs with native bf16 (Ampere and newer), fp16 with loss scaling on older GPUs (V100, T4:
+    the reference's own AMP default), fp32 on the CPU (CPU autocast is slower than fp32 here). A backend without an
+    fp16 loss scaler turns "auto" into fp32 (``ds_config.NO_FP16``)."""
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return DTYPES[precision]
+
+
+def emulated_bf16_warning(device: torch.device) -> str:
+    """One line on what bf16 costs on a GPU that only emulates it."""
+    name = torch.cuda.get_device_name(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return (
+        f"bf16 on {name} (compute capability {major}.{minor}) is emulated: convolutions leave cuDNN for a slow "
+        "fallback and attention takes the math kernel with fp32 score tensors (several GiB more at ROI 96); "
+        'train.precision "fp16" (or "auto") is the fast choice on this GPU'
+    )
+
+
+def configure_cuda(device: torch.device, cudnn_benchmark: bool = True, allow_tf32: bool = True) -> None:
+    """The GPU speed switches a user expects (``train.cudnn_benchmark``, ``train.allow_tf32``); nothing on the CPU.
+
+    Crops have one fixed size, so cuDNN's autotuner pays for itself after the first step (the reference set it
+    too); TF32 runs fp32 matmuls and convolutions on Ampere's tensor cores (10-bit mantissa products, fp32 sums)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
 # What each backend writes into a checkpoint folder; one layout per family, so errors can say what a folder holds.

@@ -26,6 +26,7 @@ import importlib
 import io
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,19 +52,42 @@ CHECKPOINT_TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"
 
 
-def import_deepspeed() -> Any:
-    """Import DeepSpeed with the right accelerator and without a compile step training never uses.
+def select_accelerator(device: torch.device | None = None) -> None:
+    """Point DeepSpeed at the accelerator of the run's device, before DeepSpeed is first imported.
 
-    On a machine without CUDA DeepSpeed probes for other accelerators and settles on the CPU; ``DS_ACCELERATOR``
-    makes that explicit (it must be set before the first import). Its CPU communication backend JIT-compiles a
-    shared-memory all-reduce op (``deepspeed_shm_comm``, about a minute) that only inference all-reduce uses;
-    training collectives go through torch.distributed (gloo), so the build is skipped.
+    DeepSpeed picks its accelerator once, at import, from ``DS_ACCELERATOR`` or else from what the machine has: on a
+    GPU machine it takes CUDA even when the run asked for the CPU (``train.device: "cpu"``), then moves the model to
+    ``cuda:LOCAL_RANK`` while ssl3d feeds CPU tensors. A run on the CPU therefore sets ``DS_ACCELERATOR=cpu``; a
+    DeepSpeed already imported with another accelerator is an error that says so.
     """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    if not cpu:
+        return
+    if "deepspeed.accelerator" in sys.modules:
+        from deepspeed.accelerator import get_accelerator
 
-    if not torch.cuda.is_available():
+        name = get_accelerator().device_name()
+        if name != "cpu":
+            raise RuntimeError(
+                f"DeepSpeed was already imported with its {name} accelerator, but this run is on the CPU; "
+                "start a fresh process (or set DS_ACCELERATOR=cpu before anything imports deepspeed)"
+            )
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def import_deepspeed(device: torch.device | None = None) -> Any:
+    """Import DeepSpeed with the run device's accelerator and without a compile step training never uses.
+
+    ``select_accelerator`` makes the CPU explicit where the run is on the CPU. DeepSpeed's CPU communication backend
+    JIT-compiles a shared-memory all-reduce op (``deepspeed_shm_comm``, about a minute) that only inference
+    all-reduce uses; training collectives go through torch.distributed (gloo), so the build is skipped.
+    """
+    select_accelerator(device)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
         # importlib: the attribute ``deepspeed.comm.torch`` is the torch package itself, not this submodule.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
@@ -86,13 +110,37 @@ def _cpu_adam_like(optimizer: torch.optim.Optimizer, params: list[nn.Parameter])
     )
 
 
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating-point tensors (also inside lists, tuples and dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, list | tuple):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    return value
+
+
 class DeepSpeedStrategy(Strategy):
+    """DeepSpeed owns the run's precision: with the ``bf16``/``fp16`` sections its engine makes the whole model bf16
+    or fp16 (fp32 masters in the optimizer), and ``engine.forward`` switches off any autocast opened outside it
+    (on CUDA; DeepSpeed asks ``torch.is_autocast_enabled()``, which on the CPU reports CUDA's state and so never saw
+    ssl3d's CPU autocast). So ssl3d opens no autocast of its own and casts the floating inputs to the engine's
+    dtype, as the Hugging Face trainer does. Why this route rather than DeepSpeed's ``torch_autocast`` section
+    (fp32 weights, autocast inside the engine): bf16 weights and gradients take half the memory and half the
+    gradient traffic, and it is DeepSpeed's most used mixed-precision path; the losses are computed in fp32 from
+    ``.float()`` outputs either way. A preset may still choose ``torch_autocast`` (LayerNorm and softmax in fp32,
+    as under DDP's autocast): the engine then autocasts its forward itself and the inputs stay fp32."""
+
     name = "deepspeed"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine's precision sections or its torch_autocast section decide
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         if self.ds_config is None:
             raise ValueError("DeepSpeedStrategy needs a resolved ds_config (ds_config.resolve_ds_config)")
-        deepspeed = import_deepspeed()
+        deepspeed = import_deepspeed(self.device)
         init_distributed(backend_for(self.device))
         deepspeed.init_distributed(dist_backend=backend_for(self.device))
         config = dict(self.ds_config.deepspeed)
@@ -123,6 +171,12 @@ class DeepSpeedStrategy(Strategy):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine.module
         self.model = self.engine
+        if self.dtype != torch.float32 and not self.ds_config.torch_autocast:
+            # The module's weights are bf16/fp16 now: its inputs must be too (crops arrive in fp32).
+            def cast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                return _cast_floating(args, self.dtype), _cast_floating(kwargs, self.dtype)
+
+            self.module.register_forward_pre_hook(cast_inputs, with_kwargs=True)
         # Stage 0 in fp32 hands DeepSpeed's step straight to the torch optimizer, which would apply a NaN update;
         # every other configuration wraps it in a DeepSpeed optimizer that skips non-finite steps itself.
         self._bare_optimizer = self.engine.optimizer is optimizer

@@ -7,6 +7,7 @@ process, and a group of one is created only when a backend needs one (FSDP2 and 
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -44,11 +45,27 @@ def backend_for(device: torch.device | str) -> str:
     return dist.Backend.default_device_backend_map[torch.device(device).type]
 
 
-def init_distributed(backend: str | None = None) -> DistEnv:
+def group_backend(device: torch.device | str, cpu_collectives: bool = False) -> str:
+    """The process group's backend for a run on ``device``; ``cpu_collectives``: the run also reduces CPU tensors.
+
+    NCCL has no CPU part: a collective on a CPU tensor in an NCCL-only group fails ("No backend type associated
+    with device type cpu"). FSDP2 with CPU offload keeps its gradient shards on the CPU and all-reduces their norm
+    there, so such a run gets gloo for CPU tensors beside NCCL for the GPU's (``"cuda:nccl,cpu:gloo"``).
+    """
+    backend = backend_for(device)
+    if backend == "nccl" and cpu_collectives:
+        return "cuda:nccl,cpu:gloo"
+    return backend
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float | None = None) -> DistEnv:
     """Join the process group described by the environment; a no-op when it already exists.
 
     Without launcher variables a group of one process is created on a free local port, so FSDP2 and DeepSpeed
-    (which always need a group) also run under plain ``python``.
+    (which always need a group) also run under plain ``python``. ``timeout_minutes``: how long a collective may
+    wait for a lagging rank (``train.collective_timeout_minutes``); torch's default is 10 minutes for NCCL, less
+    than a rank may spend filling its data cache before the first collective. An NCCL group is bound to this
+    rank's GPU (``device_id``), so its barriers know the device and it connects at once.
     """
     env = dist_env()
     if dist.is_initialized():
@@ -64,9 +81,15 @@ def init_distributed(backend: str | None = None) -> DistEnv:
             "start it with torchrun or the deepspeed launcher, which set them"
         )
     backend = backend or backend_for("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "nccl":
+    kwargs: dict = {}
+    if timeout_minutes is not None:
+        kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+    if "nccl" in backend:
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_attempt_store(env))
+        kwargs["device_id"] = torch.device("cuda", env.local_rank)
+    dist.init_process_group(
+        backend=backend, rank=env.rank, world_size=env.world_size, store=_attempt_store(env), **kwargs
+    )
     return env
 
 

@@ -34,6 +34,7 @@ from typing import Any
 from ssl3d.config import Config, ConfigError, read_json
 
 BACKENDS = ("single", "ddp", "fsdp", "deepspeed", "fairscale")
+NO_FP16 = ("fairscale",)  # backends without an fp16 loss scaler in ssl3d: "auto" means fp32 there on pre-Ampere GPUs
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Top-level sections ssl3d understands. DeepSpeed knows more; those are refused rather than silently dropped.
@@ -48,6 +49,7 @@ TOP_LEVEL_KEYS = (
     "zero_allow_untested_optimizer",
     "zero_force_ds_cpu_optimizer",
     "activation_checkpointing",
+    "torch_autocast",
     "aio",
     "data_types",
     "steps_per_print",
@@ -73,6 +75,9 @@ ZERO_AUTO_KNOBS = (
     "stage3_max_reuse_distance",
 )
 FSDP_KEYS = ("reshard_after_forward", "cpu_offload", "shard")
+TORCH_AUTOCAST_KEYS = ("enabled", "dtype", "lower_precision_safe_modules")
+# DeepSpeed's spellings of bf16 (its DtypeEnum); fp16 goes through the fp16 section, which scales the loss under ZeRO.
+TORCH_AUTOCAST_BF16 = ("bf16", "bfloat16", "torch.bfloat16")
 AIO_KEYS = ("block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events", "use_gds")
 
 
@@ -115,6 +120,9 @@ class DSConfig:
     fsdp: FSDPOptions = field(default_factory=FSDPOptions)
     activation_checkpointing: dict[str, Any] = field(default_factory=dict)
     gather_contrastive: bool = False
+    # DeepSpeed's ``torch_autocast`` section: fp32 weights, the engine autocasts its forward (bf16 only)
+    torch_autocast: bool = False
+    notes: tuple[str, ...] = ()  # what "auto" chose and why, for one line each at start-up
     fp16: dict[str, Any] = field(default_factory=dict)  # loss-scaling options (DeepSpeed vocabulary)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # what deepspeed.initialize(config=...) gets
     source: str = "<dict>"
@@ -207,6 +215,43 @@ def _resolve_precision(
                 f'{name}.enabled: got false but train.precision is "{name}"; write "auto" or change train.precision'
             )
     return explicit or run_set or auto_precision, fp16_opts
+
+
+def _resolve_torch_autocast(raw: dict[str, Any], run_precision: str, problems: list[str]) -> bool:
+    """Whether DeepSpeed's ``torch_autocast`` section is on: fp32 weights and masters, the engine's forward under
+    ``torch.autocast(bf16)``. The alternative to the bf16 section (a bf16 model with fp32 masters), for a user who
+    wants LayerNorm and softmax in fp32 as under DDP's autocast, at the cost of fp32 weights and gradients."""
+    section = raw.get("torch_autocast")
+    if section is None:
+        return False
+    if not isinstance(section, dict):
+        problems.append(f'torch_autocast: got {_js(section)}, expected an object like {{"enabled": true}}')
+        return False
+    _check_keys(section, TORCH_AUTOCAST_KEYS, "torch_autocast", problems)
+    enabled = section.get("enabled", False)
+    if not isinstance(enabled, bool):
+        problems.append(f"torch_autocast.enabled: got {_js(enabled)}, expected true/false")
+        return False
+    dtype = section.get("dtype", "bfloat16")
+    if dtype not in TORCH_AUTOCAST_BF16:
+        problems.append(
+            f'torch_autocast.dtype: got {_js(dtype)}, expected "bfloat16"; for fp16 use the fp16 section '
+            '({"fp16": {"enabled": true}}), whose loss scaler works under every ZeRO stage'
+        )
+    if not enabled:
+        return False
+    for name in ("bf16", "fp16"):
+        if isinstance(raw.get(name), dict) and raw[name].get("enabled") is True:
+            problems.append(
+                f"torch_autocast.enabled and {name}.enabled: both true; torch_autocast keeps fp32 weights and "
+                f"autocasts, {name} makes the whole model {name}: enable one"
+            )
+    if run_precision not in ("auto", "bf16"):
+        problems.append(
+            f'torch_autocast.enabled: autocasts to bf16 but train.precision is "{run_precision}"; set '
+            "train.precision=bf16 (or auto), or remove the section"
+        )
+    return True
 
 
 def _resolve_offload(zero: dict[str, Any], key: str, problems: list[str]) -> tuple[Offload, dict[str, Any] | None]:
@@ -361,13 +406,30 @@ def resolve_ds_config(
     strategy = _resolve_backend(raw, world_size, problems)
     micro, accum, tbs = _resolve_batch(raw, cfg, world_size, problems)
     clip = _resolve_clipping(raw, cfg, problems)
+    notes: list[str] = []
+    if auto_precision == "fp16" and strategy in NO_FP16:
+        notes.append(
+            f'precision "auto": fp32 (this GPU has no native bf16, and strategy "{strategy}" has no fp16 loss scaler '
+            'in ssl3d; strategy "ddp", "fsdp" or "deepspeed" would train in fp16)'
+        )
+        auto_precision = "fp32"
     precision, fp16_opts = _resolve_precision(raw, cfg.train.precision, auto_precision, problems)
+    torch_autocast = _resolve_torch_autocast(raw, cfg.train.precision, problems)
+    if torch_autocast:
+        precision = "bf16"
     _check_precision_support(raw, precision, strategy, device_type, problems)
     stage, off_opt, off_par, zero = _resolve_zero(raw, problems)
     if zero is not None and stage > 0:
         _fill_bucket_sizes(raw.get("zero_optimization") or {}, zero, cfg)
     _check_zero_backend(zero, stage, off_opt.enabled or off_par.enabled, off_opt.enabled, strategy, problems)
+    if device_type == "cuda" and "nvme" in (off_opt.device, off_par.device):
+        problems += _nvme_toolkit_problems()
     _check_deepspeed_extras(raw, strategy, precision, stage, problems)
+    if "torch_autocast" in raw and strategy != "deepspeed":
+        problems.append(
+            f'torch_autocast: only DeepSpeed reads it, strategy is "{strategy}" (which autocasts from '
+            "train.precision itself); remove it"
+        )
     fsdp = _resolve_fsdp(raw, problems)
     if "fsdp" in raw and strategy != "fsdp":
         problems.append(f'fsdp: options for strategy "fsdp", but strategy is "{strategy}"; remove it or switch')
@@ -392,8 +454,10 @@ def resolve_ds_config(
         fsdp=fsdp,
         activation_checkpointing=ac,
         gather_contrastive=gather,
+        torch_autocast=torch_autocast,
+        notes=tuple(notes),
         fp16=fp16_opts,
-        deepspeed=_deepspeed_dict(raw, micro, accum, tbs, clip, precision, fp16_opts, zero),
+        deepspeed=_deepspeed_dict(raw, micro, accum, tbs, clip, precision, fp16_opts, zero, torch_autocast),
         source=source,
     )
 
@@ -471,10 +535,10 @@ def _check_precision_support(
             f"fp16.enabled: fp16 needs a CUDA GPU (loss scaling), this run is on the {device_type}; "
             'use bf16 ("bf16": {"enabled": true}) or fp32'
         )
-    if precision == "fp16" and strategy in ("fsdp", "fairscale"):
+    if precision == "fp16" and strategy in NO_FP16:
         problems.append(
             f'fp16.enabled: strategy "{strategy}" has no tested fp16 loss scaler in ssl3d; use bf16, '
-            'or strategy "deepspeed" for fp16'
+            'or strategy "ddp", "fsdp" or "deepspeed" for fp16'
         )
     if isinstance(raw.get("bf16"), dict) and raw["bf16"].get("check_grad_overflow") is False:
         problems.append(
@@ -501,6 +565,37 @@ def _check_zero_backend(
         )
     elif stage > 0:
         problems.append(f'zero_optimization: only DeepSpeed reads it, strategy is "{strategy}"; {alternative}')
+
+
+DEFAULT_CUDA_HOME = Path("/usr/local/cuda")  # where torch's extension builder looks last
+
+
+def cuda_toolkit_home() -> str | None:
+    """Where a CUDA toolkit (nvcc and headers) lives, found as torch's extension builder finds it; None if nowhere."""
+    import os
+    import shutil
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parent.parent)
+    return str(DEFAULT_CUDA_HOME) if (DEFAULT_CUDA_HOME / "bin" / "nvcc").is_file() else None
+
+
+def _nvme_toolkit_problems() -> list[str]:
+    """NVMe offload on a GPU JIT-builds DeepSpeed's async_io op as a CUDA extension (``-lcudart``, CUDA headers):
+    unlike CPU Adam it needs a full CUDA toolkit on every node, which a pip-installed torch does not bring."""
+    if cuda_toolkit_home() is not None:
+        return []
+    import torch
+
+    return [
+        'zero_optimization.offload_param/offload_optimizer: "nvme" on a GPU JIT-builds DeepSpeed\'s async_io op, '
+        f"which needs a CUDA toolkit (nvcc and headers of CUDA {torch.version.cuda or 'matching torch'}) and libaio; "
+        'none found (CUDA_HOME unset, no nvcc on PATH): install one and set CUDA_HOME, or offload to "cpu"'
+    ]
 
 
 def _check_deepspeed_extras(
@@ -558,6 +653,7 @@ def _deepspeed_dict(
     precision: str,
     fp16_opts: dict[str, Any],
     zero: dict[str, Any] | None,
+    torch_autocast: bool = False,
 ) -> dict[str, Any]:
     """What ``deepspeed.initialize(config=...)`` gets: every "auto" filled, ssl3d's own keys and comments removed."""
     ds: dict[str, Any] = {
@@ -569,9 +665,12 @@ def _deepspeed_dict(
     ds["gradient_clipping"] = clip or 0.0
     ds["bf16"] = {
         **{k: v for k, v in raw.get("bf16", {}).items() if not k.startswith("_")},
-        "enabled": precision == "bf16",
+        "enabled": precision == "bf16" and not torch_autocast,
     }
     ds["fp16"] = {**fp16_opts, "enabled": precision == "fp16"}
+    if "torch_autocast" in raw:
+        section = {k: v for k, v in raw["torch_autocast"].items() if not k.startswith("_")}
+        ds["torch_autocast"] = {**section, "enabled": torch_autocast, "dtype": "bfloat16"}
     if zero is not None:
         ds["zero_optimization"] = zero
     # Not for DeepSpeed: its engine never applies this section to a model that does not call

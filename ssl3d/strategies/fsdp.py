@@ -82,7 +82,21 @@ class FSDPStrategy(Strategy):
         fully_shard(model, reshard_after_forward=False, **kwargs)
         self.model = model
         self.optimizer = make_optimizer(model.parameters())
+        # fp16 (what "auto" means on GPUs without native bf16) needs loss scaling; torch's sharded scaler checks
+        # the gradient shards of every rank for overflow. Disabled (a pass-through) in bf16 and fp32.
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        opts = self.ds_config.fp16 if self.ds_config else {}
+        self.scaler = ShardedGradScaler(
+            device=self.device.type,
+            init_scale=2.0 ** opts.get("initial_scale_power", 16),
+            growth_interval=opts.get("loss_scale_window", 1000),
+            enabled=self.dtype == torch.float16,
+        )
         return self.model, self.optimizer
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         # MixedPrecisionPolicy casts parameters and inputs to the compute dtype itself.
@@ -98,20 +112,26 @@ class FSDPStrategy(Strategy):
             self.model.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
+        self.scaler.scale(loss / self.grad_accum).backward()
 
     def clip_and_step(self, max_grad_norm: float | None) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         assert self.optimizer is not None
+        self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # sum of the shards' squares over ranks, then the root
+            # Sum of the shards' squares over ranks, then the root. With CPU offload the shards are CPU tensors:
+            # the group needs a CPU backend beside NCCL (distributed.group_backend gives it one).
+            norm = norm.full_tensor()
         finite = bool(torch.isfinite(norm))
         if finite and max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
-        if finite:
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
+            self.scaler.update()
+        elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
@@ -123,7 +143,7 @@ class FSDPStrategy(Strategy):
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=Path(directory) / "dcp")
-        self.save_extra(directory, extra)
+        self.save_extra(directory, {**extra, "grad_scaler": self.scaler.state_dict()})
 
     def load(self, directory: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -134,7 +154,10 @@ class FSDPStrategy(Strategy):
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=path)  # reshards to this run's world size
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        return self.load_extra(directory)
+        extra = self.load_extra(directory)
+        if extra.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(extra["grad_scaler"])
+        return extra
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -35,7 +35,9 @@ class LossScaleWatch:
 
     def result(self, norm: float, before: float | None, after: float | None) -> StepResult:
         scalars = {} if after is None else {"train/loss_scale": after}
-        overflow = after is not None and after < (before or 0.0)
+        # A lower scale is an overflow; so is a non-finite norm under loss scaling: DeepSpeed's scaler (hysteresis 2,
+        # its default) skips the first overflow without lowering the scale.
+        overflow = after is not None and (after < (before or 0.0) or not math.isfinite(norm))
         if overflow:
             self.overflows_in_row += 1
         elif math.isfinite(norm):

@@ -52,6 +52,7 @@ def slurm(tmp_path: Path) -> dict[str, str]:
         "SLURM_JOB_NODELIST": "gpu017,gpu018",  # what the scontrol shim expands, as scontrol does gpu[017-018]
         "SLURM_NNODES": "2",
         "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_CPUS_PER_TASK": "64",
         "SLURM_SUBMIT_DIR": str(tmp_path),
         "HOSTFILE": str(tmp_path / "hostfile"),
         "GRACE": "1",
@@ -80,7 +81,8 @@ def test_torchrun_script_generates_one_rendezvous_over_the_job_nodes(slurm):
     assert proc.returncode == 0
     (srun,) = [c for c in calls(slurm) if c[0] == "srun"]
     i = srun.index("torchrun")
-    assert srun[1:i] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1"]
+    # The job's CPUs passed on: Slurm 22.05-23.02 would give the step one CPU for all ranks and loader workers.
+    assert srun[1:i] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=64"]
     from torch.distributed.run import get_args_parser
 
     targs = get_args_parser().parse_args(srun[i + 1 :])  # torchrun's own parser: every option exists
