@@ -327,6 +327,10 @@ def run_memory(a: argparse.Namespace) -> int:
 
     from ssl3d.memory.estimate import estimate_memory, format_estimate
 
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     step, sharding = memory_setting(a)
     if a.memory_cmd == "estimate":
         est = estimate_memory(step, **sharding, device=a.device)
@@ -373,7 +377,10 @@ def make_parser() -> argparse.ArgumentParser:
         m = msub.add_parser(name, help=text)
         add_run_flags(m)
         m.add_argument("--world-size", type=int, default=1, help="ranks the preset runs on")
-        m.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="target device kind")
+        if name == "profile":  # runs real steps: on the device at hand unless told
+            m.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run the steps")
+        else:
+            m.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="target device kind")
         m.add_argument("--json", action="store_true", help="print JSON instead of a table")
         m.add_argument(
             "--task",

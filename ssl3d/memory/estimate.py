@@ -7,16 +7,23 @@ traces in about a second. A ``TorchDispatchMode`` counts the bytes of every live
 sorts them into parameters, gradients, optimizer states, activations (created in forward), temporaries (created in
 backward or the optimizer step), inputs and host memory (offloaded activations). The timeline of one unsharded
 rank is then turned into a per-rank figure for a strategy by sharding arithmetic, and for GPUs by a simple model
-of the CUDA caching allocator (512-byte rounding per tensor, fragmentation headroom, 2 MiB segments, CUDA context).
+of the CUDA caching allocator (512-byte rounding per tensor, fragmentation headroom, 2 MiB segments) plus stated
+allowances for what is not a tensor: cuBLAS and cuDNN workspaces, NCCL's buffers (more than one rank) and the CUDA
+context (``CUBLAS_WORKSPACE``, ``CUDNN_WORKSPACE``, ``NCCL_BUFFERS``, ``CUDA_CONTEXT``, each with its source).
 
 Why a trace and not a formula: activations depend on MONAI's exact op sequence (window padding, shift masks,
 the five layer-normed stage outputs, the decoder at full resolution), on which tensors autograd keeps, on the
 checkpoint policy and on fused attention. The trace sees all of that; a formula would drift with every change.
 
-Known approximations: (1) bf16 is traced with CPU autocast, whose op lists differ a little from CUDA's (e.g.
-trilinear upsampling stays fp32 on CPU); DeepSpeed's bf16 mode (a bf16 model, not autocast) is approximated by the
-autocast trace with bf16 parameter/gradient bytes. (2) Kernel workspaces invisible to PyTorch (cuDNN/oneDNN
-scratch, NCCL buffers) are not counted. (3) Sharding overheads follow the backends' defaults, see ``_rank_bytes``.
+Mixed precision for a GPU follows CUDA autocast's rules although the trace runs CPU autocast on fake CPU tensors:
+``ssl3d.memory.cuda_autocast`` gives the AutocastCPU dispatch key CUDA's op lists while the step is traced (e.g.
+LayerNorm saves an fp32 copy of its input, softmax and trilinear upsampling run in fp32).
+
+Known approximations: (1) DeepSpeed's bf16 mode (a bf16 model, not autocast) is approximated by the autocast trace
+with bf16 parameter/gradient bytes. (2) Workspaces and NCCL buffers are fixed allowances, not traced; cuDNN's is
+elastic in reality (PyTorch skips an engine whose workspace it cannot allocate). (3) Kernels are the CPU's where
+they differ in what they keep (e.g. the CPU flash-attention kernel for CUDA's memory-efficient one: both keep the
+output and the log-sum-exp). (4) Sharding overheads follow the backends' defaults, see ``_rank_bytes``.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from ssl3d.memory.activation_checkpointing import (
     as_policy,
     simulate_offload,
 )
+from ssl3d.memory.cuda_autocast import cuda_autocast_rules
 from ssl3d.memory.process import ALLOCATOR_NOTE, process_baseline_bytes
 from ssl3d.model.meta import meta_model, model_key
 from ssl3d.optim import build_optimizer
@@ -56,6 +64,10 @@ from ssl3d.step import DTYPES, LocalBackend, StepSettings, no_phase, run_step
 
 __all__ = [
     "CATEGORIES",
+    "CUBLAS_WORKSPACE",
+    "CUDA_CONTEXT",
+    "CUDNN_WORKSPACE",
+    "NCCL_BUFFERS",
     "STRATEGIES",
     "TASKS",
     "MemoryEstimate",
@@ -89,7 +101,22 @@ PHASES = ("setup", "forward", "backward", "optimizer")
 _PHASE = {name: i for i, name in enumerate(PHASES)}
 CUDA_BLOCK = 512  # the caching allocator rounds every request up to 512 bytes
 CUDA_SEGMENT = 2 * MIB
-DEFAULT_CUDA_CONTEXT = GIB // 2
+# What a GPU process holds beyond its tensors. Stated allowances, each with its source; none is traced.
+# pytorch#86509: a torch process's CUDA context measured 274 MiB with lazy module loading (torch's default since
+# 1.13) and 636 MiB without; the rest is the kernels a training step loads (cuDNN, cuBLAS, torch's own).
+CUDA_CONTEXT = GIB // 2
+DEFAULT_CUDA_CONTEXT = CUDA_CONTEXT  # the older name
+# torch's cuBLAS workspace per handle and stream (":4096:8" = 32 MiB on Hopper, 8 MiB + 128 KiB before) plus
+# cuBLASLt's (32 MiB on Hopper, pytorch#120925); one stream runs forward and backward; via the caching allocator.
+CUBLAS_WORKSPACE = 64 * MIB
+# cuDNN convolution workspace at the peak, via the caching allocator. An allowance, not a bound: PyTorch tries
+# cuDNN's engines in heuristic order and skips one whose workspace it cannot allocate (pytorch#49207), so the
+# workspace takes what is free rather than failing; 256 MiB is the room a fit keeps for it.
+CUDNN_WORKSPACE = 256 * MIB
+# NCCL's buffers per rank when there is more than one (allocated by NCCL, outside the caching allocator).
+# nccl-tests keeps 1 GB per GPU aside for NCCL and CUDA on HGX/DGX nodes (NVIDIA/nccl-tests#198); one communicator
+# after an all-reduce held about 1.6 GB, context included (NVIDIA/nccl#864). NVLS on H100 can take more.
+NCCL_BUFFERS = GIB
 # A first CPU training step leaves ~100 MB of resident memory that is no tensor: oneDNN's JIT kernels and primitive
 # cache, per-thread scratch, allocator arenas (measured: 99-108 MB over the tensor peak for the tiny model).
 DEFAULT_CPU_RUNTIME = 96 * MIB
@@ -113,9 +140,17 @@ class StorageTracker(TorchDispatchMode):
     their base's storage and are counted once.
     """
 
-    def __init__(self, round_bytes: int = 1, workspace: Callable[[Any, tuple], int] | None = None) -> None:
+    def __init__(
+        self,
+        round_bytes: int = 1,
+        workspace: Callable[[Any, tuple], int] | None = None,
+        pinned_host: bool = False,
+    ) -> None:
         super().__init__()
         self.round_bytes = max(1, int(round_bytes))
+        # CUDA offload copies into pinned memory from torch's caching host allocator, which rounds every block up
+        # to a power of two (PowerOf2Ceil) and keeps it: the host column counts those block sizes (GPU_AUDIT S3).
+        self.pinned_host = pinned_host
         self.workspace = workspace  # (op, args) -> transient bytes the op uses beyond its outputs
         self.current = [0] * len(CATEGORIES)
         self._info: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [bytes, category]
@@ -126,8 +161,10 @@ class StorageTracker(TorchDispatchMode):
         self._hooks: list[Any] = []
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
-    def _bytes(self, st: torch.UntypedStorage) -> int:
+    def _bytes(self, st: torch.UntypedStorage, category: int = -1) -> int:
         n = st.nbytes()
+        if self.pinned_host and category == _CAT["host"]:
+            return 1 << max(0, n - 1).bit_length()
         r = self.round_bytes
         return -(-n // r) * r if r > 1 else n
 
@@ -146,7 +183,7 @@ class StorageTracker(TorchDispatchMode):
         cat = _CAT[category]
         entry = self._info.get(st)
         if entry is None:
-            entry = [self._bytes(st), cat]
+            entry = [self._bytes(st, cat), cat]
             self._info[st] = entry
             self._refs.add(weakref.ref(st, functools.partial(self._release, entry)))
             self.current[cat] += entry[0]
@@ -257,14 +294,17 @@ def make_step_inputs(
     num_samples: int,
     device: torch.device | str = "cpu",
     task: str = "pretrain",
+    channels: int = 1,
 ) -> dict[str, Tensor]:
     """What the trainer holds during a step. Pre-training: the crops [N], both views [2N], their corrupted copies
-    [2N], rotation labels. Fine-tuning / probe: N labelled crops, image and label [N, 1, *roi], both float32 as the
-    labelled loader's ``EnsureTyped`` leaves them (N = volumes x crops per volume)."""
+    [2N], rotation labels. Fine-tuning / probe: N labelled crops, image [N, channels, *roi] and label [N, 1, *roi],
+    both float32 as the labelled loader's ``EnsureTyped`` leaves them (N = volumes x crops per volume);
+    ``channels``: the model's input channels (``model.in_channels``, e.g. 4 MRI sequences)."""
     n = batch_size * num_samples
-    shape = (1, *roi)
+    shape = (channels, *roi)
     if task != "pretrain":
-        return {"image": torch.zeros(n, *shape, device=device), "label": torch.zeros(n, *shape, device=device)}
+        label = torch.zeros(n, 1, *roi, device=device)
+        return {"image": torch.zeros(n, *shape, device=device), "label": label}
     return {
         "crops": torch.zeros(n, *shape, device=device),
         "views": torch.zeros(2 * n, *shape, device=device),
@@ -381,14 +421,19 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
         apply_fused_attention(model)
     apply_activation_checkpointing(model, step.policy, warn=False)
     model.train()
-    tracker = StorageTracker(round_bytes=CUDA_BLOCK if cuda else 1, workspace=None if cuda else cpu_conv_workspace())
+    tracker = StorageTracker(
+        round_bytes=CUDA_BLOCK if cuda else 1, workspace=None if cuda else cpu_conv_workspace(), pinned_host=cuda
+    )
+    # A GPU step's autocast follows CUDA's op lists, not the CPU's the fake trace would otherwise get.
+    rules = cuda_autocast_rules() if cuda and step.precision != "fp32" else contextlib.nullcontext()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         model.to_empty(device="cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         # foreach (multi-tensor) AdamW is the CUDA default and the larger one in temporaries.
         optimizer = build_optimizer(OptimConfig(), params, foreach=cuda)
-        inputs = make_step_inputs(step.roi, step.batch_size, step.num_samples, "cpu", step.task)
+        channels = json.loads(key).get("in_channels", 1)  # the model config is in the key
+        inputs = make_step_inputs(step.roi, step.batch_size, step.num_samples, "cpu", step.task, channels)
         with simulate_offload(tracker.host) if cuda else contextlib.nullcontext():
             # Steady state: the optimizer's states exist before the measured step (one step on zero gradients
             # creates them at a fraction of the cost of a traced training step).
@@ -397,7 +442,7 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tracker.register_step_state(model, optimizer, inputs)
-            with tracker, _RealIndexTensors():
+            with tracker, _RealIndexTensors(), rules:
                 tracker.mark()
                 training_step(
                     model,
@@ -644,6 +689,8 @@ def estimate_memory(
     reduce_bucket_size: int | None = None,
     overlap_comm: bool | None = None,
     process_baseline: int | None = None,
+    workspace_bytes: int | None = None,
+    nccl_bytes: int | None = None,
     **step_kw: Any,
 ) -> MemoryEstimate:
     """Predicted peak memory per rank of one step (forward, backward, AdamW step), without the device.
@@ -651,8 +698,10 @@ def estimate_memory(
     The step is ``model`` as ``StepSettings`` (what callers inside ssl3d pass), or ``step_settings``' arguments
     (model, roi, batch size, crops, precision, policy, ...): ``batch_size`` volumes x ``num_samples`` crops per
     rank, two views each. The keywords here say how ranks share it and what device it is for.
-    ``device="cuda"``: tensor bytes rounded as the caching allocator does, + ``fragmentation`` headroom rounded to
-    2 MiB segments, + the CUDA context (``runtime_bytes``, default 0.5 GiB). ``"cpu"``: tensor bytes + a oneDNN
+    ``device="cuda"``: tensors as CUDA autocast makes them, rounded as the caching allocator does, + the cuBLAS and
+    cuDNN workspaces (``workspace_bytes``, default ``CUBLAS_WORKSPACE + CUDNN_WORKSPACE``), + ``fragmentation``
+    headroom rounded to 2 MiB segments, + the CUDA context (``runtime_bytes``, default ``CUDA_CONTEXT``), + NCCL's
+    buffers for more than one rank (``nccl_bytes``, default ``NCCL_BUFFERS``). ``"cpu"``: tensor bytes + a oneDNN
     convolution workspace model + ``runtime_bytes`` (default 96 MiB), comparable with the peak RSS growth
     ``profile_memory`` measures; plus ``process_baseline`` (default: measured once per environment, see
     ``ssl3d.memory.process``) it is ``process_peak``, the whole process's peak RSS that ``top`` shows.
@@ -672,6 +721,12 @@ def estimate_memory(
         reduce_bucket_size,
         overlap_comm,
     )
+    cuda = device == "cuda"
+    if cuda:  # allocated through the caching allocator: they count in max_memory_allocated
+        workspace = CUBLAS_WORKSPACE + CUDNN_WORKSPACE if workspace_bytes is None else int(workspace_bytes)
+        cols["workspace"] = cols["workspace"] + workspace
+    sharded = strategy != "single" and world_size > 1
+    nccl = (NCCL_BUFFERS if nccl_bytes is None else int(nccl_bytes)) if cuda and sharded else 0
     device_total = sum(v for k, v in cols.items() if k != "host")
     i = int(np.argmax(device_total))
     breakdown = {k: int(round(float(v[i]))) for k, v in cols.items() if k != "host"}
@@ -679,16 +734,24 @@ def estimate_memory(
     breakdown["allocated_peak"] = allocated
     breakdown["activations_max"] = int(trace.column("activations").max())
     breakdown["host_offload_max"] = int(cols["host"].max())
-    if device == "cuda":
-        runtime = DEFAULT_CUDA_CONTEXT if runtime_bytes is None else int(runtime_bytes)
+    if cuda:
+        runtime = CUDA_CONTEXT if runtime_bytes is None else int(runtime_bytes)
         reserved = math.ceil(allocated * (1 + fragmentation) / CUDA_SEGMENT) * CUDA_SEGMENT
+        allowances = f"cuBLAS + cuDNN workspaces {workspace / MIB:.0f} MiB, CUDA context {runtime / MIB:.0f} MiB"
+        if nccl:
+            allowances += f", NCCL buffers {nccl / MIB:.0f} MiB"
+        notes.append(f"CUDA allowances (stated, not traced): {allowances}")
+        if breakdown["host_offload_max"]:
+            notes.append("host: pinned blocks rounded up to powers of two, as torch's host allocator keeps them")
     else:
         runtime = DEFAULT_CPU_RUNTIME if runtime_bytes is None else int(runtime_bytes)
         reserved = allocated
     breakdown["allocator_overhead"] = reserved - allocated
     breakdown["reserved"] = reserved
     breakdown["runtime"] = runtime
-    breakdown["total"] = reserved + runtime
+    if cuda:
+        breakdown["nccl"] = nccl
+    breakdown["total"] = reserved + runtime + nccl
     if device == "cpu":
         baseline = process_baseline_bytes() if process_baseline is None else int(process_baseline)
         breakdown["process_baseline"] = baseline
@@ -726,11 +789,12 @@ _ROWS = (
     ("activations", "activations (saved for backward)"),
     ("temporaries", "temporaries"),
     ("inputs", "inputs (crops, views)"),
-    ("workspace", "kernel workspace (modelled)"),
+    ("workspace", "kernel workspaces (modelled)"),
     ("sharding_buffers", "sharding/communication buffers"),
     ("allocated_peak", "= allocated at peak"),
     ("allocator_overhead", "allocator rounding/fragmentation"),
     ("runtime", "CUDA context / CPU runtime"),
+    ("nccl", "NCCL buffers (outside the allocator)"),
     ("total", "= total per rank"),
     ("process_baseline", "libraries before the step (measured)"),
     ("process_peak", "= whole-process peak (RSS)"),
@@ -751,7 +815,7 @@ def format_estimate(est: MemoryEstimate) -> str:
     )
     lines = [head, "-" * len(head)]
     for key, label in _ROWS:
-        if key in est.breakdown:
+        if key in est.breakdown and not (key == "nccl" and not est.breakdown[key]):
             lines.append(f"{label:<36} {est.breakdown[key] / GIB:10.3f} GiB")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)

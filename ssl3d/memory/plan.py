@@ -16,20 +16,27 @@ from typing import Any
 
 from ssl3d.config import ConfigError, ModelConfig
 from ssl3d.memory.activation_checkpointing import CheckpointPolicy, as_policy
-from ssl3d.memory.estimate import GIB, STRATEGIES, estimate_memory, normalize_roi, step_settings
+from ssl3d.memory.estimate import GIB, MIB, STRATEGIES, estimate_memory, normalize_roi, step_settings
 from ssl3d.step import StepSettings
 
 STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(StepSettings))
 
 __all__ = [
+    "CAPACITY_MARGIN",
     "DEFAULT_LADDER",
     "MemoryFit",
     "fit_memory",
+    "fit_memory_flag",
     "format_plan",
     "plan_memory",
     "plot_memory_vs_roi",
     "task_ladder",
+    "usable_capacity",
 ]
+
+# A fit on a real card plans for at most its capacity less this share: room for what the estimate leaves out or gets
+# wrong (fragmentation beyond its 10%, a cuDNN engine with a larger workspace, other processes on the GPU).
+CAPACITY_MARGIN = 0.06
 
 # Cheapest first: recomputation (and host traffic) grows down the list.
 DEFAULT_LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -183,6 +190,36 @@ def plan_memory(
     return result
 
 
+def usable_capacity(total_memory: int) -> int:
+    """What a fit may plan for on a card of ``total_memory`` bytes (``get_device_properties().total_memory``): the
+    card less ``CAPACITY_MARGIN``. A 32 GB V100 reports 34,089,730,048 bytes (31.75 GiB): 29.84 GiB."""
+    return int(total_memory * (1 - CAPACITY_MARGIN))
+
+
+def fit_memory_flag(total_memory: int) -> tuple[int, str]:
+    """The ``--fit-memory`` size to suggest for a card: its usable capacity rounded DOWN to a whole GiB (to a MiB
+    below 1 GiB), as bytes and as the flag's text, e.g. ``(29 GiB, "29GiB")`` for a 32 GB V100."""
+    usable = usable_capacity(total_memory)
+    if usable >= GIB:
+        return usable // GIB * GIB, f"{usable // GIB}GiB"
+    return usable // MIB * MIB, f"{usable // MIB}MiB"
+
+
+def _device_capacity(device: str) -> tuple[int, str] | None:
+    """Total memory and name of the current CUDA device when the estimate is for CUDA and this machine has one."""
+    if device != "cuda":
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties()
+        return int(props.total_memory), str(getattr(props, "name", "this GPU"))
+    except Exception:  # noqa: BLE001 - no device to compare with: the budget is the user's
+        return None
+
+
 @dataclass
 class MemoryFit:
     """What ``ssl3d pretrain --fit-memory`` applies: a ladder policy and a gradient-caching chunk (0: off)."""
@@ -192,16 +229,21 @@ class MemoryFit:
     grad_cache_chunk: int
     estimate_bytes: int
     tried: int  # configurations estimated
+    budget_bytes: int = 0  # the budget the fit was made for (the request, or less on a card it would not fit)
+    note: str = ""  # why the budget differs from the one asked for
 
     def describe(self, budget_bytes: int) -> str:
+        """One line for the run's log; ``budget_bytes`` is the one asked for (the fit's own one wins if it has one)."""
         cache = (
             f"gradient caching {self.grad_cache_chunk} views per chunk"
             if self.grad_cache_chunk
             else "no gradient caching"
         )
+        budget = self.budget_bytes or budget_bytes
+        note = f" ({self.note})" if self.note else ""
         return (
             f"activation checkpointing {self.policy_name!r}, {cache}: estimated peak "
-            f"{self.estimate_bytes / GIB:.2f} GiB per rank of {budget_bytes / GIB:.2f} GiB"
+            f"{self.estimate_bytes / GIB:.2f} GiB per rank of {budget / GIB:.2f} GiB{note}"
         )
 
 
@@ -271,9 +313,11 @@ def out_of_memory_help(cfg: Any, strategy: Any) -> str:
         except Exception:  # noqa: BLE001 - advice only
             pass
         if capacity:
+            # The flag to copy: the device's (or host's) capacity less the margin, rounded down; never the whole card.
+            budget, flag = fit_memory_flag(capacity)
             try:
-                fit = fit_memory(capacity, step, device=device, **sharding)
-                parts.append(f"--fit-memory {capacity / GIB:.0f}GiB would use {fit.describe(capacity)}")
+                fit = fit_memory(budget, step, device=device, **sharding)
+                parts.append(f"--fit-memory {flag} would use {fit.describe(budget)}")
             except ConfigError as err:
                 parts.append(str(err).replace("--fit-memory: ", "the planner: "))
             except Exception:  # noqa: BLE001 - advice only
@@ -294,9 +338,22 @@ def fit_memory(
     Cheapest first: the checkpointing ladder without gradient caching; then, when no rung fits, gradient caching
     with halving chunks (each rung again), since caching costs one extra forward per step. Raises ``ConfigError``
     with the largest cubic ROI that would fit when nothing does.
+
+    For ``device="cuda"`` on a machine with CUDA, the budget is at most the current device's ``usable_capacity``
+    (its capacity less ``CAPACITY_MARGIN``): ``--fit-memory 32GiB`` on a 32 GB V100 (31.75 GiB) plans for 29.84 GiB
+    and the fit's ``note`` says so. Planning for a GPU elsewhere uses the budget as given.
     """
     if budget_bytes <= 0:
-        raise ConfigError(f"--fit-memory: got {budget_bytes} bytes, expected a positive size such as 32GiB")
+        raise ConfigError(f"--fit-memory: got {budget_bytes} bytes, expected a positive size such as 29GiB")
+    note = ""
+    card = _device_capacity(estimate_kwargs.get("device", "cuda"))
+    if card is not None and budget_bytes > usable_capacity(card[0]):
+        total, name = card
+        note = (
+            f"--fit-memory {budget_bytes / GIB:.2f} GiB is above what the {name}'s {total / GIB:.2f} GiB allows "
+            f"after a {CAPACITY_MARGIN:.0%} margin; planned for {usable_capacity(total) / GIB:.2f} GiB"
+        )
+        budget_bytes = usable_capacity(total)
     # The step's own settings (its policy and chunk are what this chooses); the rest says how ranks share it.
     own = {k: estimate_kwargs.pop(k) for k in list(estimate_kwargs) if k in STEP_FIELDS}
     setting = step_settings(model, *step, **own)
@@ -328,7 +385,7 @@ def fit_memory(
         for name, section in ladder:
             t = total(section, chunk)
             if t <= budget_bytes:
-                return MemoryFit(name, as_policy(section).to_dict(), chunk, t, tried)
+                return MemoryFit(name, as_policy(section).to_dict(), chunk, t, tried, budget_bytes, note)
             smallest = t if smallest is None else min(smallest, t)
     last_name, last_section = ladder[-1]
     # Only smaller ROIs can fit (the requested one does not): a short search.
@@ -345,10 +402,11 @@ def fit_memory(
     hint = f"the largest cubic ROI that fits is {best_roi}" if best_roi else "not even ROI 64 fits"
     caching = ", gradient caching down to one view per chunk" if chunks[-1] else ""
     per_chunk = " and one view per chunk" if chunks[-1] else ""
+    why = f" ({note})" if note else ""
     raise ConfigError(
         f"--fit-memory: ROI {list(normalize_roi(roi))} x batch {batch_size} x {num_samples} crops needs at least "
         f"{smallest / GIB:.2f} GiB per rank (every checkpointing policy{caching}), over the budget of "
-        f"{budget_bytes / GIB:.2f} GiB; {hint} with {last_name!r}{per_chunk} (or shard over more ranks)"
+        f"{budget_bytes / GIB:.2f} GiB{why}; {hint} with {last_name!r}{per_chunk} (or shard over more ranks)"
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.config import ModelConfig, OptimConfig
+from ssl3d.config import ConfigError, ModelConfig, OptimConfig
 from ssl3d.memory.activation_checkpointing import CheckpointPolicy, apply_activation_checkpointing
 from ssl3d.memory.estimate import (
     CATEGORIES,
@@ -42,7 +42,9 @@ from ssl3d.optim import build_optimizer
 from ssl3d.rss import current_rss_bytes, peak_rss_bytes
 from ssl3d.step import DTYPES, StepSettings
 
-__all__ = ["profile_in_subprocess", "profile_memory"]
+__all__ = ["profile_in_subprocess", "profile_memory", "start_memory_history"]
+
+SNAPSHOT_ENTRIES = 200_000  # allocation events a CUDA memory snapshot keeps
 
 # MONAI keeps each stage in a one-element ModuleList (never called itself): hook the stage, ``layers<i>.0``.
 TOP_LEVEL = ("swinViT.patch_embed", "swinViT.layers1.0", "swinViT.layers2.0", "swinViT.layers3.0", "swinViT.layers4.0")
@@ -111,6 +113,12 @@ def _cuda_module_peaks(model: nn.Module, dev: torch.device) -> tuple[dict[str, d
     return stats, handles
 
 
+def start_memory_history() -> None:
+    """Record CUDA allocations for a snapshot with Python stacks only: the default (``stacks="all"``) also records
+    and symbolises C++ frames, which makes ``_dump_snapshot`` slow (GPU_AUDIT S12)."""
+    torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES, stacks="python")
+
+
 def profile_memory(
     model: ModelConfig | StepSettings,
     *step: Any,
@@ -141,6 +149,8 @@ def profile_memory(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError(f'device: got "{device}", but this machine has no CUDA device; profile with --device cpu')
     rss_baseline = current_rss_bytes()
     torch.manual_seed(seed)
     if step_cfg.task == "pretrain":
@@ -155,7 +165,9 @@ def profile_memory(
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(OptimConfig(), params)
-    inputs = make_step_inputs(step_cfg.roi, step_cfg.batch_size, step_cfg.num_samples, dev, step_cfg.task)
+    inputs = make_step_inputs(
+        step_cfg.roi, step_cfg.batch_size, step_cfg.num_samples, dev, step_cfg.task, step_cfg.model.in_channels
+    )
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for v in inputs.values():
         if v.is_floating_point():
@@ -191,7 +203,7 @@ def profile_memory(
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
         if snapshot_path:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            start_memory_history()
     for _ in range(max(1, steps)):
         step()
     if cuda:
