@@ -30,7 +30,6 @@ CPU-only machine everything is host memory, so offload rows only show which copi
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -344,8 +343,9 @@ def worker(rank: int, name: str, a: argparse.Namespace, port: int, out: str) -> 
 
             import_deepspeed()  # its import-time tensors belong to the baseline
         cfg = _run_config(a, ds_path)
-        if world > 1:
-            torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+        # The process group a real run gets: build_strategy joins it with the backend ssl3d picks for the device
+        # (NCCL on CUDA: gloo has no all_gather_into_tensor / reduce_scatter for CUDA tensors, which FSDP2 and ZeRO
+        # need), on this rank's GPU.
         strategy = build_strategy(cfg)
         assert strategy.world_size == world
 
@@ -361,6 +361,7 @@ def worker(rank: int, name: str, a: argparse.Namespace, port: int, out: str) -> 
         wrapped, _ = strategy.setup(model, lambda params: build_optimizer(cfg.optim, params))
         module = getattr(strategy, "module", None) or model
         loss_fn = SSLLoss()
+        # Inputs drawn on the device by the device's generator (a CUDA generator cannot fill a CPU tensor).
         gen = torch.Generator(device=strategy.device).manual_seed(rank + 1)
         x_shape = (a.batch, 1, *a.roi)
 
@@ -368,13 +369,15 @@ def worker(rank: int, name: str, a: argparse.Namespace, port: int, out: str) -> 
 
         # Step 1: optimizer states come to exist (torch's Adam creates them lazily).
         t0 = time.perf_counter()
-        _forward_backward(strategy, wrapped, loss_fn, torch.rand(x_shape, generator=gen).to(strategy.device), gen)
+        x = torch.rand(x_shape, generator=gen, device=strategy.device)
+        _forward_backward(strategy, wrapped, loss_fn, x, gen)
+        del x
         strategy.step(cfg.train.grad_clip)
         times["step1"] = time.perf_counter() - t0
         result["after_step1"] = measure(baseline, attribute(strategy, module))
         # Step 2, up to its backward: parameters, gradients and optimizer states all live at once.
         t0 = time.perf_counter()
-        x = torch.rand(x_shape, generator=gen).to(strategy.device)
+        x = torch.rand(x_shape, generator=gen, device=strategy.device)
         tracker = LargeAllocations(a.large_mib * MIB)
         with tracker:
             _forward_backward(strategy, wrapped, loss_fn, x, gen)
@@ -529,9 +532,15 @@ def main() -> None:
         flush=True,
     )
     results: list[dict[str, Any]] = []
+    gpus = torch.cuda.device_count() if a.device == "cuda" else 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             world = BACKENDS[name][1]
+            if a.device == "cuda" and world > gpus:  # one rank per GPU, as the launchers place them
+                error = f"needs {world} GPUs (one per rank), this machine has {gpus}"
+                results += [{"backend": name, "rank": rank, "error": error} for rank in range(world)]
+                print(f"{name}: skipped: {error}", file=sys.stderr, flush=True)
+                continue
             t0 = time.perf_counter()
             try:
                 mp.spawn(worker, args=(name, a, free_port(), tmp), nprocs=world, join=True)

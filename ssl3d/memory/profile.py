@@ -171,11 +171,12 @@ def profile_memory(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for v in inputs.values():
         if v.is_floating_point():
-            v.copy_(torch.rand(v.shape, generator=gen))
+            v.copy_(torch.rand(v.shape, generator=gen, device="cpu"))
     if step_cfg.task == "pretrain":
-        inputs["rot_labels"].copy_(torch.randint(0, 4, inputs["rot_labels"].shape, generator=gen))
+        inputs["rot_labels"].copy_(torch.randint(0, 4, inputs["rot_labels"].shape, generator=gen, device="cpu"))
     else:  # class indices as float, as the labelled loader delivers them
-        inputs["label"].copy_(torch.randint(0, step_cfg.num_classes, inputs["label"].shape, generator=gen))
+        shape = inputs["label"].shape
+        inputs["label"].copy_(torch.randint(0, step_cfg.num_classes, shape, generator=gen, device="cpu"))
     loss_fn = SSLLoss() if step_cfg.task == "pretrain" else None
     dtype = DTYPES[step_cfg.precision]
     measured: dict[str, Any] = {}
