@@ -84,13 +84,23 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _is_disk_full(exc: BaseException | None, free: int, need: int) -> bool:
+# At the failure the partial folder holds what was written: a disk that ran out has (almost) nothing left beside it.
+# Not exactly nothing: file systems keep back a little (ext4's delayed allocation, XFS's reserve) and report it free.
+FULL_SLACK = 2**20
+
+
+def _is_disk_full(exc: BaseException | None, free_at_failure: int, free: int, need: int, written: int) -> bool:
+    """Whether running out of space explains the failed write. torch's zip writer hides the errno ("basic_ios::clear:
+    iostream error", "unexpected pos"), so the free space tells: nearly none left at the failure, or less left once
+    the partial folder is gone than the previous checkpoint took. An OSError with another errno names its own cause.
+    """
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left" in str(exc):
             return True
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return False
         exc = exc.__cause__ or exc.__context__
-    # torch's zip writer reports a short write as "unexpected pos": then the free space tells.
-    return free < max(need, 1) or free == 0
+    return free_at_failure <= max(FULL_SLACK, written // 100) or free < need
 
 
 class CheckpointManager:
@@ -153,29 +163,34 @@ class CheckpointManager:
             chain = chain.__cause__ or chain.__context__
         gc.collect()
         s.barrier()
+        probe = self.root if self.root.exists() else self.root.parent
+        free_at_failure = shutil.disk_usage(probe).free  # with the partial folder: what the writer was left
+        s.barrier()
         if s.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         s.barrier()  # the free space below is what is left without the partial folder
         previous = self.latest()
         need = _tree_bytes(previous) if previous is not None else 0
-        probe = self.root if self.root.exists() else self.root.parent
         free = shutil.disk_usage(probe).free
-        if _is_disk_full(failure, free, need):
+        full = _is_disk_full(failure, free_at_failure, free, need, written)
+        if full:
             what = "no space left on device"
         else:
             cause = failure
             while cause is not None and (cause.__cause__ or cause.__context__) is not None:
                 cause = cause.__cause__ or cause.__context__
             what = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause else "another rank failed"
-        size = (
-            f"it needs about {_gib(need)} (the size of {previous.name})"
-            if previous
-            else (f"{_gib(written)} were written before the failure")
-        )
+        if previous is not None and written <= need:
+            size = f"it needs about {_gib(need)} (the size of {previous.name})"
+        elif full:  # it did not fit into what is free now, the partial folder's share included
+            filled = f" ({_gib(written)} were written when the disk filled)" if written else ""
+            size = f"it needs more than that{filled}"
+        else:
+            size = f"{_gib(written)} were written before the failure"
         where = f"resume from {previous} with --resume auto" if previous else "no earlier checkpoint: start again"
         raise CheckpointWriteError(
-            f"could not write checkpoint {final}: {what}; {size}, {_gib(free)} free on {probe} after removing the "
-            f"partial {tmp.name}; free space (or point train.logdir elsewhere) and {where}"
+            f"could not write checkpoint {final}: {what}; {_gib(free)} free on {probe} after removing the partial "
+            f"{tmp.name}, and {size}; free space (or point train.logdir elsewhere) and {where}"
         )
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
