@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_runs import cpu_env
 from tiny_run import TINY_RUN
 
 from ssl3d.config import ModelConfig
@@ -25,7 +26,7 @@ from ssl3d.data.demo import write_demo_dataset
 from ssl3d.downstream.model import build_downstream_model, build_segmentation_model
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = cpu_env()
 STEPS = 3
 TOL = 2e-5  # after 3 SGD steps at lr 0.05: float32 summation order only (seen: ~1e-6)
 RUN = {

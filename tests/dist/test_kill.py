@@ -26,6 +26,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from run_logs import resumed_from, steps_per_process
+from cpu_runs import cpu_env
 from tiny_run import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +85,7 @@ def torchrun(preset: str, logdir: Path, demo_dir: Path, *extra: str, restarts: i
 def launch(cmd: list[str], **hooks: str) -> tuple[int, str]:
     """Run a launcher in its own session (stdout and stderr together); on a timeout kill all of it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SSL3D_KILL_", "TORCHELASTIC_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **hooks)
+    env = cpu_env(env, **hooks)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

@@ -1,23 +1,21 @@
-"""The real launchers on a CPU-only machine: `deepspeed`, `torchrun` (also as two "nodes" through a localhost
-rendezvous); a run resumed by the same backend continues its loss curve, and a checkpoint written by one backend
-at world size 2 starts another backend at world size 1."""
+"""The real launchers with 2 CPU ranks (on a GPU machine too): `deepspeed`, `torchrun` (also as two "nodes" through a
+localhost rendezvous); a run resumed by the same backend continues its loss curve, and a checkpoint written by one
+backend at world size 2 starts another backend at world size 1."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cpu_runs import ROOT, cpu_env, deepspeed, free_port, torchrun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_run import TINY_RUN
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     **TINY_RUN,
     "data.demo_volumes": 4,
@@ -26,13 +24,7 @@ TINY = {
     "optim.warmup_steps": 1,
     "optim.lr": 1e-3,
 }
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = cpu_env()  # 2 CPU ranks on any machine (tests/cpu_runs.py says how)
 
 
 def flags(logdir: Path, steps: int, *extra: str) -> list[str]:
@@ -44,23 +36,6 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "launch/pretrain.py",
-        *args,
-    ]
-
-
-def deepspeed(*args: str) -> list[str]:
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py", *args]
 
 
 def losses(logdir: Path) -> dict[int, float]:

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from cpu_runs import cpu_env
 from tiny_run import TINY_RUN
 
 from ssl3d.checkpoint import checkpoint_problem
@@ -53,9 +54,8 @@ def torchrun(logdir: Path, demo: Path, *extra: str) -> list[str]:
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_runs import cpu_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_run import TINY_RUN
 
@@ -54,7 +55,7 @@ def free_port() -> int:
 def torchrun_fsdp(logdir: Path, demo: Path, *extra: str) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     cmd += ["launch/pretrain.py", "--ds_config", "ds_configs/fsdp.json", *flags(logdir, demo), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = cpu_env()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

@@ -217,10 +217,19 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, out.out + out.err
 
 
+# The rows check messages, not devices: on the CPU on every machine ("auto" would select a GPU where there is one),
+# except where a row's own config names the device.
+ON_THE_CPU = ("--set", 'train.device="cpu"')
+
+
+def _names_device(run: dict[str, Any] | str | None) -> bool:
+    return isinstance(run, dict) and "device" in run.get("train", {})
+
+
 @pytest.mark.parametrize(("run", "ds", "args", "needles"), ROWS)
 def test_malformed_input_exits_2_naming_the_key(workdir, capsys, run, ds, args, needles) -> None:
     logdir = workdir / "logs" / "run"
-    argv = ["pretrain", "--set", f"train.logdir={logdir}"]
+    argv = ["pretrain", "--set", f"train.logdir={logdir}", *(() if _names_device(run) else ON_THE_CPU)]
     if run is not None:
         argv += ["--config", _write(workdir / "run.json", _fill(run, workdir))]
     if ds is not None:
@@ -238,8 +247,9 @@ def test_malformed_input_exits_2_naming_the_key(workdir, capsys, run, ds, args, 
 
 def test_the_tripwire_fires_when_validation_passes(workdir, capsys) -> None:
     """The table's "did not start" check is live: a valid config reaches the backend."""
+    argv = ["pretrain", "--set", f"train.logdir={workdir}/run", "--datalist", f"{workdir}/datalist.json", *ON_THE_CPU]
     with pytest.raises(AssertionError, match="the run started"):
-        main(["pretrain", "--set", f"train.logdir={workdir}/run", "--datalist", f"{workdir}/datalist.json"])
+        main(argv)
 
 
 def test_three_problems_in_one_config_are_reported_at_once(workdir, capsys) -> None:

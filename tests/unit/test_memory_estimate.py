@@ -77,6 +77,7 @@ def test_estimate_within_15_percent_of_measured_rss():
             fused_attention=False,
             steps=1,
             threads=2,
+            device="cpu",  # a CPU estimate against a CPU measurement, also on a GPU machine
             module_peaks=False,
             breakdown=False,
             timeout=300,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cpu_runs import cpu_env
 
 from ssl3d.config import Config, DataConfig, load_config
 from ssl3d.data.datasets import build_datasets, build_loaders
@@ -145,7 +146,7 @@ _BUILDER = textwrap.dedent(
 def test_two_concurrent_builders_make_one_valid_cache(demo: Path, tmp_path: Path) -> None:
     images = _images(demo)[:4]
     go = tmp_path / "go"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = cpu_env()
     args = [sys.executable, "-c", _BUILDER, str(tmp_path / "cache"), str(go), json.dumps(images)]
     procs = [
         subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)

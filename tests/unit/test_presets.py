@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -13,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpu_runs import assert_demo_preset, cpu_env, demo_dry_run
 
 from ssl3d.cli import make_parser, memory_setting
 from ssl3d.config import Config
-from ssl3d.run_config import DEMO_CPU
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}  # a CPU machine, where the demo is small
+ENV = cpu_env()
 
 # The seed's defaults (SPEC "Optimisation and loop", "Model") that a command line leaves alone.
 SEED_MODEL = {"feature_size": 48, "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24], "window_size": 7}
@@ -27,9 +26,16 @@ SEED_OPTIM = {"name": "adamw", "weight_decay": 0.1, "warmup_steps": 500}
 
 
 def dry_run(argv: list[str], cwd: Path) -> dict:
-    """The resolved config that this command line would train, from a fresh process (``--dry-run``)."""
+    """The resolved config that this command line would train, from a fresh process (``--dry-run``), on the CPU on
+    any machine (resolving train.device "auto" would select a GPU where there is one; the checks need none)."""
     proc = subprocess.run(
-        [*argv, "--dry-run"], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120, check=False
+        [*argv, '--set=train.device="cpu"', "--dry-run"],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout[proc.stdout.index("{") :])
@@ -86,12 +92,10 @@ def test_a_datalist_run_starts_from_the_reference_defaults(tmp_path):
 
 
 def test_the_demo_is_still_the_demo(tmp_path):
-    cfg = dry_run([sys.executable, "-m", "ssl3d.cli", "pretrain", "--set", "train.num_steps=3"], tmp_path)
-    for dotted, value in DEMO_CPU.items():
-        section, key = dotted.split(".")
-        if dotted != "train.num_steps":
-            assert cfg[section][key] == value, dotted
-    assert cfg["train"]["num_steps"] == 3
+    """The demo preset of the machine the test runs on: DEMO_CPU on a CPU, DEMO_GPU where CUDA is visible
+    (tests/cuda/test_gpu_machine.py checks the GPU side on a simulated GPU machine)."""
+    cfg, cuda = demo_dry_run(ENV, tmp_path)
+    assert_demo_preset(cfg, cuda)
 
 
 @pytest.mark.parametrize("command", ["estimate", "plan"])
