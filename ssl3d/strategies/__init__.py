@@ -5,7 +5,7 @@ Heavy or optional libraries (DeepSpeed, fairscale) are imported only when their 
 
 from __future__ import annotations
 
-import warnings
+import sys
 from pathlib import Path
 
 import torch
@@ -78,7 +78,7 @@ def resolve_strategy_config(cfg: Config, quiet: bool = False) -> tuple[DSConfig,
         for note in ds.notes:
             print(f"ssl3d: {note}")
         if ds.precision == "bf16" and not native_bf16(device):
-            warnings.warn(emulated_bf16_warning(device), stacklevel=2)
+            print(f"ssl3d: warning: {emulated_bf16_warning(device)}", file=sys.stderr)
     return ds, device
 
 
