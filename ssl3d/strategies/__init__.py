@@ -62,11 +62,11 @@ def build_strategy(cfg: Config) -> Strategy:
     return strategy_from_ds_config(ds, device, cfg.train)
 
 
-def resolve_strategy_config(cfg: Config, quiet: bool = False) -> tuple[DSConfig, torch.device]:
+def resolve_strategy_config(cfg: Config) -> tuple[DSConfig, torch.device]:
     """The run's preset resolved against the run config, the launcher's world size and this rank's device.
 
     What "auto" chose where it is not the obvious choice, and bf16 asked for on a GPU that only emulates it, are
-    said in one line each (rank 0; ``quiet``: not at all)."""
+    said in one line each (rank 0)."""
     env = dist_env()
     device = resolve_device(cfg.train.device, env.local_rank)
     select_accelerator(device)  # before the preset's check imports DeepSpeed's config models
@@ -74,7 +74,7 @@ def resolve_strategy_config(cfg: Config, quiet: bool = False) -> tuple[DSConfig,
     ds = load_ds_config(
         cfg.ds_config, cfg, world_size=env.world_size, device_type=device.type, auto_precision=auto_precision
     )
-    if env.rank == 0 and not quiet:
+    if env.rank == 0:
         for note in ds.notes:
             print(f"ssl3d: {note}")
         if ds.precision == "bf16" and not native_bf16(device):
