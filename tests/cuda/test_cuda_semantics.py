@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import cudasim
@@ -258,4 +257,3 @@ def test_the_simulation_is_what_it_says(cuda_sim) -> None:
         assert not torch.is_autocast_enabled()  # the CPU build: the query reports CUDA, never on
         cuda_sim("autocast-query")
         assert torch.is_autocast_enabled()
-    warnings.simplefilter("default")
