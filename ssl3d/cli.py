@@ -20,7 +20,7 @@ from ssl3d.run_config import (
     parse_bytes,
 )
 
-# Exit codes (README, "When things go wrong"): 0 done; 2 bad input, nothing started; 3 stopped (non-finite steps,
+# Exit codes (docs/troubleshooting.md): 0 done; 2 bad input, nothing started; 3 stopped (non-finite steps,
 # out of memory, a checkpoint that could not be written): fix the cause, then --resume auto; 4 preempted by a
 # signal after writing a checkpoint: run the same command with --resume auto; 130 interrupted (Ctrl-C).
 EXIT_USAGE = 2
@@ -31,8 +31,8 @@ EXIT_PREEMPTED = 4
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
-        help="run config JSON (see README); default: the reference's settings, or the built-in demo run when no "
-        "datalist and no reference flags are given either",
+        help="run config JSON (see docs/pretraining.md); default: the reference's settings, or the built-in demo run "
+        "when no datalist and no reference flags are given either",
     )
     p.add_argument(
         "--set",

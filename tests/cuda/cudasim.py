@@ -1,7 +1,7 @@
 """Pieces of CUDA behaviour, simulated on the CPU, for the tests that stand in for a GPU machine.
 
-No GPU is available to this project, yet CUDA differs from the CPU in ways that crash real runs (see the README's
-"Running on GPUs"). Each piece below reproduces ONE such difference on the CPU, as small as it can be, so a test
+No GPU is available to this project, yet CUDA differs from the CPU in ways that crash real runs (see
+docs/gpus.md). Each piece below reproduces ONE such difference on the CPU, as small as it can be, so a test
 can show the failure and its fix. A piece changes torch's behaviour only, never ssl3d's code.
 
 In this process: ``apply("autocast-query")`` (tests use the ``cuda_sim`` fixture, which undoes it afterwards).

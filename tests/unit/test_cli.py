@@ -105,8 +105,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# Every reference flag the README lists -> the config keys it must change (and nothing else), with values that
-# differ from the defaults.
+# Every reference flag docs/pretraining.md lists -> the config keys it must change (and nothing else), with values
+# that differ from the defaults.
 REFERENCE_FLAGS = [
     ("--batch_size=3", {"train.batch_size": 3}),
     ("--sw_batch_size=3", {"data.num_samples": 3}),

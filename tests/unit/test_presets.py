@@ -42,9 +42,9 @@ def dry_run(argv: list[str], cwd: Path) -> dict:
 
 
 def readme_reference_command() -> list[str]:
-    """The command line under the README's "The reference's command lines" heading."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### The reference's command lines", 1)[1]
+    """The command line under the "The reference's command lines" heading of docs/pretraining.md."""
+    page = (ROOT / "docs" / "pretraining.md").read_text()
+    section = page.split("## The reference's command lines", 1)[1]
     block = re.search(r"```bash\n(.*?)\n```", section, flags=re.S).group(1)
     return shlex.split(block.replace("\\\n", " "))
 
