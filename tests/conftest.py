@@ -20,15 +20,42 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY = {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (3, 6, 12, 24)}
 
 
+# The tiers: every collected test has exactly one (docs/layout.md). A folder gives its tier; tests/unit is ``fast``
+# unless a test is marked ``slow``. ``network`` (downloads) comes on top of a tier and never with ``fast``.
+TIERS = ("fast", "slow", "dist", "e2e", "cuda_sim")
+FOLDER_TIERS = {"dist": "dist", "e2e": "e2e", "cuda": "cuda_sim"}
+
+
+def tier_problems(items: list[pytest.Item]) -> list[str]:
+    """One line per test without exactly one tier, or in the fast tier although it downloads."""
+    problems = []
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        tiers = [t for t in TIERS if t in marks]
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: {'no tier' if not tiers else 'tiers ' + ', '.join(tiers)}")
+        elif "network" in marks and tiers == ["fast"]:
+            problems.append(f"{item.nodeid}: downloads (network) but is in the fast tier: mark it slow")
+    return problems
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: every collected test is checked, whatever the selection
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test under tests/dist is marked ``dist``, under tests/e2e ``e2e``, under tests/cuda ``cuda_sim``
-    (``pytest -m "not dist and not e2e"`` is the quick local loop)."""
+    """Every test under tests/dist is marked ``dist``, under tests/e2e ``e2e``, under tests/cuda ``cuda_sim``, under
+    tests/unit ``fast`` unless marked ``slow`` (``pytest -m fast`` is the quick local loop); a test that ends up
+    with no tier or two stops the run before anything runs."""
     for item in items:
         part = item.path.parent.name
-        if part in ("dist", "e2e"):
-            item.add_marker(getattr(pytest.mark, part))
-        elif part == "cuda":
-            item.add_marker(pytest.mark.cuda_sim)
+        if part in FOLDER_TIERS:
+            item.add_marker(FOLDER_TIERS[part])
+        elif part == "unit" and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+    problems = tier_problems(items)
+    if problems:
+        raise pytest.UsageError(
+            f"{len(problems)} test(s) without exactly one tier of {', '.join(TIERS)} (tests/conftest.py):\n  "
+            + "\n  ".join(problems)
+        )
 
 
 @pytest.fixture

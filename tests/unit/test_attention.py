@@ -93,6 +93,7 @@ def test_bf16_autocast_close():
     torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow
 def test_ssl_model_end_to_end():
     """The tiny SSL model with and without fusion: shifted blocks in stages 1-2, stage 3 windows cut to the token
     grid (4 x 8 x 8 tokens, window 4 x 4 x 4 only along depth), stage 4 smaller than a window (n < window^3)."""

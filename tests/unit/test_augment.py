@@ -74,7 +74,7 @@ def _ref_noise_union(shape, rs: np.random.RandomState, max_drop=0.3, max_block=0
     return mask.mean(), count
 
 
-@pytest.mark.parametrize("shape", [(32, 32, 32), (48, 48, 32)])
+@pytest.mark.parametrize("shape", [(32, 32, 32), pytest.param((48, 48, 32), marks=pytest.mark.slow)])
 def test_mask_cuboids_statistics(shape):
     n = 200
     v = math.prod(shape)

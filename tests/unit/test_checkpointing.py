@@ -59,6 +59,7 @@ POLICIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_policy_matches_no_checkpointing(reference, name):
     model, x, labels, ref_loss, ref_grads = reference
@@ -163,6 +164,7 @@ def test_round_trip_and_labels():
     assert CheckpointPolicy.preset("full").label == "full(block@0,1,2,3 merging decoder)"
 
 
+@pytest.mark.slow
 def test_full_policy_under_torch_compile(reference):
     """Checkpointing (and fused attention) traced by dynamo + AOTAutograd; aot_eager needs no C++ compiler."""
     from ssl3d.model.attention import apply_fused_attention
@@ -256,6 +258,7 @@ def measured_none(reference):
     return _measured_step(copy.deepcopy(model), x, labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_policy_recomputes_and_offloads_what_it_says(reference, measured_none, name):
     """Counted, not labelled: the modules a policy checkpoints run their forward a second time in backward (and no
@@ -285,6 +288,7 @@ def test_policy_recomputes_and_offloads_what_it_says(reference, measured_none, n
 # -- chunked MLPs ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "section",
     [

@@ -50,6 +50,7 @@ def test_user_errors_exit_2_with_one_line_per_problem(capsys):
     assert any("train.batch_size" in line for line in err) and any("data.roi[0]" in line for line in err)
 
 
+@pytest.mark.slow
 def test_missing_config_file_exits_2_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ssl3d.cli", "pretrain", "--config", str(tmp_path / "nope.json")],
@@ -66,6 +67,7 @@ def test_export_of_missing_checkpoint_is_a_user_error(argv, capsys):
     assert "missing_dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_memory_estimate_prints_a_breakdown_as_json(capsys):
     args = ["memory", "estimate", "--json", "--device", "cpu", "--set", "model.feature_size=12"]
     args += ["--set", "model.depths=[1,1,1,1]", "--set", "data.roi=[64,64,64]", "--set", "train.batch_size=1"]
@@ -162,6 +164,7 @@ TINY_MEMORY = ["--set=model.feature_size=12", "--set=model.depths=[1,1,1,1]", "-
 TINY_MEMORY += ["--set=train.batch_size=1", "--set=data.num_samples=2", "--set=train.precision=fp32", "--device=cpu"]
 
 
+@pytest.mark.slow
 def test_memory_plan_table_agrees_with_the_estimator(capsys):
     """The printed table: per strategy and world size, the largest cubic ROI and batch under each policy fit the
     budget by the estimator and the next candidate does not; the cheapest policy's GiB is the requested step's."""
@@ -193,6 +196,7 @@ def test_memory_plan_table_agrees_with_the_estimator(capsys):
         assert cheapest == "none" and float(gib) == round(total(strategy, ranks, (32, 64, 64), 1, "none") / GIB, 1)
 
 
+@pytest.mark.slow
 def test_memory_profile_measures_the_estimated_step(tmp_path, capsys):
     """ssl3d memory profile runs real steps with the preset's policy: the tensor-storage peak it measures equals the
     estimator's allocated peak (the same step traced on fake tensors) to 2%, per-module peaks are listed, and the

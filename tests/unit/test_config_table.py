@@ -264,6 +264,7 @@ def test_three_problems_in_one_config_are_reported_at_once(workdir, capsys) -> N
     assert "Traceback" not in text and not (workdir / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_config_from_a_fresh_process_exits_2_without_traceback(tmp_path: Path) -> None:
     run = _write(tmp_path / "run.json", {"optim": {"name": "adamx"}, "train": {"logdir": str(tmp_path / "run")}})
     proc = subprocess.run(

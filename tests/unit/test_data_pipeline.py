@@ -134,6 +134,7 @@ def test_batches_have_flattened_crops(demo: Path, tmp_path: Path) -> None:
     assert vbatch["image"].shape == (2, 1, *ROI) and vbatch["valid"].tolist() == [True, True]
 
 
+@pytest.mark.slow
 def test_crops_depend_only_on_seed_epoch_and_volume(demo: Path, tmp_path: Path) -> None:
     serial, _ = build_loaders(_cfg(demo, tmp_path))
     parallel, _ = build_loaders(_cfg(demo, tmp_path, **{"data.num_workers": 2}))
@@ -150,6 +151,7 @@ def test_crops_depend_only_on_seed_epoch_and_volume(demo: Path, tmp_path: Path) 
     assert not any(torch.equal(a, b) for a, b in zip(e0, _epoch(other_seed, 0), strict=True))
 
 
+@pytest.mark.slow
 def test_loader_advances_epochs_by_itself(demo: Path, tmp_path: Path) -> None:
     train, _ = build_loaders(_cfg(demo, tmp_path))
     auto = [b["image"] for _ in range(2) for b in train]  # two passes, no set_epoch
@@ -180,6 +182,7 @@ def test_sampler_resume_offset_gives_exactly_the_remaining_batches(demo12: Path,
     assert seed == item_seed(0, TRAIN_STREAM, 5, index) and valid
 
 
+@pytest.mark.slow
 def test_resumed_loader_continues_without_loading_skipped_volumes(
     demo12: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -227,6 +230,7 @@ def test_cache_each_rank_caches_only_its_half(demo12: Path, tmp_path: Path) -> N
     assert plans[0] == plans[1] == plans[2] == set(ids[0])
 
 
+@pytest.mark.slow
 def test_cache_and_persistent_crops_match_plain(demo: Path, tmp_path: Path) -> None:
     """The same (epoch, volume) gives the same crops whatever the dataset kind."""
 

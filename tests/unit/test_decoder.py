@@ -94,6 +94,7 @@ def test_full_resolution_tensors_have_out_channels():
     assert (1, 4, 32, 32, 32) in sizes  # the 1x1x1 conv's input: dim/16 channels at half size
 
 
+@pytest.mark.slow
 def test_reference_state_dict_loads_and_reproduces(decoders):
     """A checkpoint saved by the reference's layout loads strictly and gives its outputs (whole model too)."""
     dec, ref = decoders

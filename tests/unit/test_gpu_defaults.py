@@ -29,6 +29,7 @@ def python(code: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_collective_timeout_reaches_the_process_group() -> None:
     out = python(
         """
@@ -96,6 +97,7 @@ def test_out_of_memory_under_other_names() -> None:
     assert not is_out_of_memory(ValueError("out of memory"))
 
 
+@pytest.mark.slow
 def test_fsdp2_scales_an_fp16_loss_and_skips_an_overflow() -> None:
     """What "auto" means for FSDP2 on a V100: fp16 with torch's sharded gradient scaler (fp16 on the CPU here)."""
     out = python(

@@ -53,6 +53,7 @@ def one_pass():
     return model, views, loss_fn, *_one_pass(model, views, loss_fn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 4, 6])  # one view at a time; uneven chunks (4 + 2); one chunk of all 6
 def test_same_losses_and_gradients_as_one_pass(chunk: int, one_pass) -> None:
     model, views, loss_fn, want_losses, want_grads = one_pass
@@ -73,6 +74,7 @@ def test_same_losses_and_gradients_as_one_pass(chunk: int, one_pass) -> None:
     assert any(float(g.abs().max()) > 1e-3 for n, g in want_grads.items() if n.startswith("contrastive_head"))
 
 
+@pytest.mark.slow
 def test_contrastive_weight_zero_leaves_the_contrastive_head_without_gradient() -> None:
     """The cached term really carries the contrastive gradient: with weight 0 the head gets none."""
     model, views, _ = _setup(crops=2)

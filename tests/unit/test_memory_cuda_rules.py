@@ -127,6 +127,7 @@ def test_cuda_estimate_keeps_layer_norms_fp32_copies(fused: bool) -> None:
     assert cuda.events[:, 1:-1].sum(1).max() > cpu_rules.events[:, 1:-1].sum(1).max()
 
 
+@pytest.mark.slow
 def test_fp32_is_traced_as_it_was() -> None:
     cuda, cpu_rules = _traces("fp32")
     assert np.array_equal(cuda.events, cpu_rules.events)

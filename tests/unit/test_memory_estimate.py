@@ -53,6 +53,7 @@ def _real_tracked_peak(policy: str, num_samples: int) -> int:
     return max(sum(e[1:-1]) for e in tracker.events)
 
 
+@pytest.mark.slow
 def test_fake_trace_matches_real_tensors():
     """Checkpointing + fused attention: recomputation and the chunked backward are where fake and real could part."""
     policy = "full"
@@ -63,6 +64,7 @@ def test_fake_trace_matches_real_tensors():
     assert abs(fake - real) <= 0.01 * real, (fake, real)
 
 
+@pytest.mark.slow
 def test_estimate_within_15_percent_of_measured_rss():
     """Eager attention (the reference's path): a config whose peak (~0.7 GB) stands well above RSS noise."""
     model = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
@@ -107,6 +109,7 @@ def test_breakdown_and_table():
     assert '"gib"' in est.to_json()
 
 
+@pytest.mark.slow
 def test_policies_and_fused_attention_reduce_memory():
     def peak(**kw):
         return estimate_memory(TINY, ROI, 1, 2, device="cpu", **kw).breakdown
@@ -157,12 +160,14 @@ def test_bad_roi_is_a_config_error():
         estimate_memory(TINY, (64, 64, 96))
 
 
+@pytest.mark.slow
 def test_full_size_256_traces_without_allocating():
     # The trace runs on fake tensors: a 256^3 full-size step (tens of GiB for real) traces on a 24 GiB host.
     trace = trace_step(ModelConfig(), 256, 1, 2, policy="full")
     assert trace.events[:, 1:].sum(axis=1).max() > 4 * 2**30
 
 
+@pytest.mark.slow
 def test_planner_choice_fits_budget(tmp_path):
     ladder = DEFAULT_LADDER[:1] + DEFAULT_LADDER[5:6]  # none, full
     none = estimate_memory(TINY, 64, 1, 2, "fp32", "none").total

@@ -48,6 +48,7 @@ def _real(task: str) -> torch.nn.Module:
     return build_downstream_model(task, TINY, CLASSES)
 
 
+@pytest.mark.slow
 def test_finetune_trace_is_swinunetrs_step() -> None:
     trace = _trace("finetune")
     real = _real("finetune")
@@ -64,6 +65,7 @@ def test_finetune_trace_is_swinunetrs_step() -> None:
     assert _setup_bytes(trace, "inputs") == 2 * 4 * ROI[0] * ROI[1] * ROI[2]
 
 
+@pytest.mark.slow
 def test_checkpointing_swinunetr_lowers_saved_activations() -> None:
     saved = {p: int(_trace("finetune", p).column("activations").max()) for p in ("none", "full")}
     decoder = int(_trace("finetune", dict(DEFAULT_LADDER)["decoder"]).column("activations").max())
@@ -115,6 +117,7 @@ def _real_tracked_peak(task: str, policy: str) -> int:
     return max(sum(e[1:-1]) for e in tracker.events)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "full"])
 def test_fake_finetune_trace_matches_real_tensors(policy: str) -> None:
     trace = _trace("finetune", policy)
@@ -132,6 +135,7 @@ def test_bad_downstream_settings_are_config_errors() -> None:
         estimate_memory(TINY, ROI, task="finetune", grad_cache_chunk=2)
 
 
+@pytest.mark.slow
 def test_fit_memory_for_finetuning_picks_a_rung_that_fits() -> None:
     step = StepSettings(TINY, ROI, precision="fp32", task="finetune", num_classes=CLASSES)
     none = estimate_memory(step, device="cpu").total
@@ -141,6 +145,7 @@ def test_fit_memory_for_finetuning_picks_a_rung_that_fits() -> None:
         fit_memory(2**20, step, device="cpu")
 
 
+@pytest.mark.slow
 def test_memory_commands_read_a_finetuning_config(tmp_path, capsys) -> None:
     """A config with a finetune section is a fine-tuning config: ``ssl3d memory estimate`` traces SwinUNETR's step
     (its classes from the config) and ``ssl3d memory plan`` prints a plan for it (``--task probe``: the probe's, one
@@ -171,6 +176,7 @@ def test_memory_commands_read_a_finetuning_config(tmp_path, capsys) -> None:
     assert cheapest == "none" and float(gib) == round(estimate_memory(probe, device="cpu").total / 2**30, 1)
 
 
+@pytest.mark.slow
 def test_plan_for_finetuning_agrees_with_the_estimator() -> None:
     step = StepSettings(TINY, ROI, 1, 1, "fp32", task="finetune", num_classes=CLASSES)
     none = estimate_memory(step, device="cpu").total

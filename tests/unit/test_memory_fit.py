@@ -36,6 +36,7 @@ def _est(num_samples: int, chunk: int, policy: str = "none", model: ModelConfig 
     )
 
 
+@pytest.mark.slow
 def test_gradient_caching_caps_activations_at_one_chunk() -> None:
     """Without caching, saved activations grow with the crops of a step; with 2 views per chunk they stay those of
     2 views (to 5%) at 4 or 8 views, and below the one-pass step's."""
@@ -63,6 +64,7 @@ def test_fit_picks_the_cheapest_rung_that_fits() -> None:
     assert (roomy.policy_name, roomy.grad_cache_chunk) == ("none", 0)
 
 
+@pytest.mark.slow
 def test_fit_turns_to_gradient_caching_when_no_policy_is_enough() -> None:
     ladder = [DEFAULT_LADDER[0], DEFAULT_LADDER[5]]
     full, full_cached = _est(4, 0, "full").total, _est(4, 1, "full").total
@@ -73,11 +75,13 @@ def test_fit_turns_to_gradient_caching_when_no_policy_is_enough() -> None:
     assert "gradient caching" in fit.describe(budget)
 
 
+@pytest.mark.slow
 def test_fit_says_what_would_fit_when_nothing_does() -> None:
     with pytest.raises(ConfigError, match=r"--fit-memory: ROI \[32, 64, 64\].*over the budget of 0\.01 GiB"):
         fit_memory(10 * 2**20, TINY, ROI, 1, 2, precision="fp32", device="cpu")
 
 
+@pytest.mark.slow
 def test_pretrain_fit_memory_applies_the_plan(tmp_path, capsys, monkeypatch, keep_pytest_allocator) -> None:
     run = {
         "model.feature_size": 12,

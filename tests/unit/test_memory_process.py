@@ -15,6 +15,7 @@ MIB = 2**20
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
 
 
+@pytest.mark.slow
 def test_baseline_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     proc.process_baseline_bytes.cache_clear()
     value = proc.process_baseline_bytes(str(tmp_path))
@@ -111,6 +112,7 @@ def _free_blocks(tmp_path, *args: str, **env: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_fit_memory_on_cpu_returns_freed_memory_to_the_system(tmp_path):
     """Without it glibc keeps every freed block (RSS does not fall); ``--fit-memory`` on the CPU switches a running
     process to giving them back, so its peak RSS follows the live memory the fit was made for; a user's own glibc

@@ -13,6 +13,7 @@ from ssl3d.config import ModelConfig
 from ssl3d.memory.estimate import estimate_memory
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ def test_legacy_patch_merging_order():
     assert not torch.allclose(legacy(x), current(x))
 
 
+@pytest.mark.slow
 def test_legacy_option_changes_the_encoder_but_not_its_parameters(tiny_model_cfg):
     torch.manual_seed(0)
     new = build_model(tiny_model_cfg)

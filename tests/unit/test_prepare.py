@@ -364,6 +364,8 @@ def test_parallel_workers_give_the_same_outputs(tree: Path, prepared: prep.Prepa
 # Real DICOM: TotalSegmentator 2.18.0's example series (JPEG 2000, blank SeriesInstanceUID)
 
 
+@pytest.mark.slow
+@pytest.mark.network
 @pytest.mark.skipif(os.environ.get("SSL3D_OFFLINE") == "1", reason="SSL3D_OFFLINE=1: no PyPI")
 def test_totalsegmentator_dicom_series_matches_monai(tmp_path: Path) -> None:
     """Downloads the 27 MB TotalSegmentator 2.18.0 sdist from PyPI (a few seconds); SSL3D_OFFLINE=1 skips it."""

@@ -60,6 +60,7 @@ def _crops(cfg: Config, storage: str | None = None) -> tuple[dict[int, torch.Ten
     return {gid: b["image"] for (_, gid, _), b in zip(plan, train, strict=True)}, [b["image"] for b in val]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["float16", "uint8"])
 def test_cached_crops_match_the_uncached_pipeline(demo: Path, tmp_path: Path, storage: str) -> None:
     plain, plain_val = _crops(_cfg(demo, tmp_path))
@@ -143,6 +144,7 @@ _BUILDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_concurrent_builders_make_one_valid_cache(demo: Path, tmp_path: Path) -> None:
     images = _images(demo)[:4]
     go = tmp_path / "go"

@@ -57,6 +57,7 @@ def assert_reference_model(cfg: dict) -> None:
     assert cfg["model"]["fused_attention"] is True  # ssl3d's default, not the demo's eager attention
 
 
+@pytest.mark.slow
 def test_the_readmes_reference_command_line_trains_the_reference_model(tmp_path):
     argv = readme_reference_command()
     assert argv[:2] == ["python", "launch/pretrain.py"], argv
@@ -74,6 +75,7 @@ def test_the_readmes_reference_command_line_trains_the_reference_model(tmp_path)
         assert diff <= {"use_checkpoint"}, (section, diff)
 
 
+@pytest.mark.slow
 def test_the_issues_cpu_command_line_is_not_the_demo(tmp_path):
     """The report: this command trained depths 1-1-1-1 at lr 1e-3 with 5 warm-up steps and eager attention."""
     argv = "--use_checkpoint --batch_size=1 --sw_batch_size=2 --roi_x=64 --roi_y=64 --roi_z=64 --feature_size=48 "
@@ -84,6 +86,7 @@ def test_the_issues_cpu_command_line_is_not_the_demo(tmp_path):
     assert cfg["train"]["logdir"] == "runs/ssl3d"
 
 
+@pytest.mark.slow
 def test_a_datalist_run_starts_from_the_reference_defaults(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "a.nii.gz"}], "validation": []}))
     cfg = dry_run([sys.executable, "-m", "ssl3d.cli", "pretrain", "--datalist", "list.json"], tmp_path)
@@ -91,6 +94,7 @@ def test_a_datalist_run_starts_from_the_reference_defaults(tmp_path):
     assert cfg["optim"]["lr"] == 4e-4 and cfg["data"]["roi"] == [96, 96, 96] and cfg["train"]["batch_size"] == 2
 
 
+@pytest.mark.slow
 def test_the_demo_is_still_the_demo(tmp_path):
     """The demo preset of the machine the test runs on: DEMO_CPU on a CPU, DEMO_GPU where CUDA is visible
     (tests/cuda/test_gpu_machine.py checks the GPU side on a simulated GPU machine)."""

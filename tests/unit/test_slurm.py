@@ -108,7 +108,7 @@ def test_deepspeed_script_writes_the_hostfile_from_the_node_list(slurm, tmp_path
     assert a.resume == "auto" and a.ds_config == "ds_configs/zero2.json"
 
 
-@pytest.mark.parametrize("script", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize("script", ["torchrun", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_usr1_before_the_time_limit_stops_the_launcher_and_requeues(slurm, script):
     slurm["FAKE_RUN_SECONDS"] = "60"
     proc = subprocess.Popen(["bash", str(ROOT / f"launch/slurm/{script}.sbatch"), *USER_ARGS], env=slurm)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
 from ssl3d.fault_injection import Faults
@@ -26,6 +27,7 @@ def _setup(tiny_model_cfg):  # noqa: ANN001, ANN202
     return model, views
 
 
+@pytest.mark.slow
 def test_strategy_and_local_backend_take_the_same_step(tiny_model_cfg) -> None:  # noqa: ANN001
     from ssl3d.config import OptimConfig
 
@@ -48,6 +50,7 @@ def test_strategy_and_local_backend_take_the_same_step(tiny_model_cfg) -> None: 
         assert torch.allclose(after_s[k], after_l[k], rtol=1e-5, atol=1e-7), k
 
 
+@pytest.mark.slow
 def test_planted_nan_loss_skips_the_update(tiny_model_cfg) -> None:  # noqa: ANN001
     model, views = _setup(tiny_model_cfg)
     strategy = SingleStrategy(torch.device("cpu"), torch.float32)

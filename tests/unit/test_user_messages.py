@@ -32,6 +32,7 @@ class Usage(NamedTuple):
     free: int
 
 
+@pytest.mark.slow
 def test_a_command_that_loads_volumes_prints_no_nvimagecodec_line(tmp_path: Path) -> None:
     """MONAI's LoadImage builds every DICOM reader, also the GPU one, and that one logs (and warns) that
     nvImageCodec is missing: on every ``ssl3d`` command that reads a volume, though ssl3d reads NIfTI."""
