@@ -42,6 +42,7 @@ def test_collective_timeout_reaches_the_process_group() -> None:
         ds = resolve_ds_config({"strategy": "ddp"}, cfg, world_size=1)
         strategy_from_ds_config(ds, torch.device("cpu"), cfg.train)
         print(dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout)
+        dist.destroy_process_group()  # gloo's threads left running at exit can abort the interpreter
         """
     )
     assert out.strip() == "0:45:00"
@@ -132,7 +133,8 @@ def test_fsdp2_scales_an_fp16_loss_and_skips_an_overflow() -> None:
         print("halved", all(b == a / 2 for a, b in zip(scales[:-2], scales[1:-1])))
         before = weights()
         bad = step(float("inf"))
-        print("bad", bad.overflow, s.loss_scale() == scales[-1] / 2, torch.equal(before, weights()))
+        print("bad", bad.overflow, s.loss_scale() == scales[-1] / 2, torch.equal(before, weights()), flush=True)
+        torch.distributed.destroy_process_group()  # gloo's threads left running at exit can abort the interpreter
         """
     )
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
