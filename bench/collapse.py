@@ -12,6 +12,18 @@ global negatives), read back from its TensorBoard events at every validation:
 - ``gather-2-ranks``: DDP on 2 ranks with ``"gather_contrastive": true``: each rank's loss sees both ranks' views.
 
     python bench/collapse.py --work /tmp/ssl3d_collapse --steps 60 --eval-every 20   # results: BENCHMARKS.md
+
+``--direct`` is the evidence for the single-device recipe (``configs/single_gpu.json``: many views per step through
+gradient caching, plus a queue of negatives). It drives ``SSLTask`` and the model directly, one process, on real CT
+(``ssl3d data samples DIR``, passed as ``--samples DIR``) plus the demo volumes, with one warm-up + cosine schedule
+that reaches its peak within the run, and reads the collapse monitors every ``--eval-every`` steps on fixed
+validation crops laid out the same way for every setting (4 crops = 8 views a batch, collapsed at ln 7):
+
+- ``reference``: the reference's per-device batch, 1 volume x 2 crops = 4 views, one pass, no queue;
+- ``recipe``: the recipe's views, chunk and queue (read from the run config) on the same small model;
+- ``recipe-no-queue``: the recipe without the queue (many views through gradient caching alone).
+
+    python bench/collapse.py --direct --samples data/samples --work /tmp/ssl3d_recipe --steps 300 --eval-every 50
 """
 
 from __future__ import annotations
@@ -73,7 +85,16 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--only", help="comma list of variants")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--direct", action="store_true", help="the single-device recipe's evidence (see the docstring)")
+    p.add_argument("--samples", type=Path, help="--direct: folder written by `ssl3d data samples` (real CT)")
+    p.add_argument("--recipe", type=Path, default=Path(__file__).resolve().parent.parent / "configs/single_gpu.json")
+    p.add_argument("--seeds", type=int, nargs="+", help="--direct: seeds (default: --seed)")
+    p.add_argument("--queues", type=int, nargs="+", help="--direct: also the recipe with these queue sizes")
+    p.add_argument("--plot", type=Path, help="--direct: write the monitor plot (PNG) here from the results so far")
     a = p.parse_args()
+    if a.direct:
+        direct_main(a)
+        return
     a.work.mkdir(parents=True, exist_ok=True)
     demo = a.work / "demo_data"
     if not (demo / "dataset_demo.json").is_file():
@@ -128,6 +149,272 @@ def format_table(results: dict) -> str:
             f"{series('std')} | {series('rank', '{:.2f}')} | {series('rotation')} | {series('recon_masked')} |"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --direct: the single-device recipe against the reference setting, driving SSLTask and the model directly.
+
+# A model and crop the 2-core CPU affords for 300 steps x 3 settings: feature 12, depths 1-1-1-1, window 4 (a window
+# of 7 pads the small stages and is ~8x slower here), crops 64 x 32 x 32 (2 last-stage tokens, as the contrastive
+# head needs), the fp32 eager path; the CPU demo preset's AdamW at lr 1e-3, 50 warm-up steps, cosine to 0.
+DIRECT_MODEL = {"feature_size": 12, "depths": (1, 1, 1, 1), "window_size": 4, "fused_attention": False}
+DIRECT_ROI = (64, 32, 32)
+DIRECT_LR, DIRECT_WARMUP = 1e-3, 50
+VAL_CROPS = 16  # per validation volume
+VAL_LAYOUT = 4  # crops per validation batch (8 views): collapsed at ln 7 whatever the setting trained on
+
+
+def direct_settings(recipe: Path, queues: list[int] | None = None) -> dict[str, dict]:
+    """name -> crops a step, gradient-caching chunk, queue size; the recipe's from its run config; ``queues``: the
+    recipe with other queue sizes besides."""
+    cfg = json.loads(recipe.read_text())
+    crops = cfg["data"]["num_samples"] * cfg["train"].get("batch_size", 1)
+    chunk, queue = cfg["ssl"]["grad_cache_chunk"], cfg["ssl"].get("negative_queue", 0)
+    settings = {
+        "reference": {"crops": 2, "chunk": 0, "queue": 0},
+        "recipe": {"crops": crops, "chunk": chunk, "queue": queue},
+    }
+    if queue:
+        settings["recipe-no-queue"] = {"crops": crops, "chunk": chunk, "queue": 0}
+    for k in queues or []:
+        settings[f"recipe-queue-{k}"] = {"crops": crops, "chunk": chunk, "queue": k}
+    return settings
+
+
+def _data_config(datalists: list[Path], crops: int, seed: int, work: Path):  # noqa: ANN202
+    from ssl3d.config import load_config
+
+    return load_config(
+        overrides={
+            "data.datalists": [{"json": str(d)} for d in datalists],
+            "data.roi": list(DIRECT_ROI),
+            "data.num_samples": crops,
+            "data.dataset": "cache",
+            "data.cache_rate": 1.0,
+            "data.num_workers": 0,
+            "train.batch_size": 1,
+            "train.seed": seed,
+            "train.progress": False,
+            "train.logdir": str(work / "run"),
+        }
+    )
+
+
+def _validation_views(datalists: list[Path], seed: int, work: Path) -> list:
+    """Fixed validation batches: VAL_CROPS crops of every validation volume, VAL_LAYOUT crops a batch, fixed views."""
+    import torch
+
+    from ssl3d.data import build_loaders
+    from ssl3d.ssl import MaskingParams, make_views
+
+    _, val = build_loaders(_data_config(datalists, VAL_CROPS, seed, work))
+    crops = torch.cat([b["image"] for b in val])  # [volumes x VAL_CROPS, 1, H, W, D]
+    gen = torch.Generator().manual_seed(7919)
+    return [make_views(crops[i : i + VAL_LAYOUT], gen, MaskingParams()) for i in range(0, len(crops), VAL_LAYOUT)]
+
+
+def _monitors(model, val_views: list, loss_fn) -> dict[str, float]:  # noqa: ANN001
+    import torch
+
+    from ssl3d.ssl.monitors import effective_rank, embedding_std
+
+    model.eval()
+    emb, contrastive, correct, rows, masked = [], [], 0, 0, [0.0, 0.0]
+    with torch.no_grad():
+        for v in val_views:
+            out = model(v.corrupted)
+            n = out.contrastive.shape[0] // 2
+            contrastive.append(
+                float(loss_fn(out.rotation, v.rot_labels, out.contrastive, out.reconstruction, v.views)["contrastive"])
+            )
+            emb.append(out.contrastive.float())
+            correct += int((out.rotation.argmax(1) == v.rot_labels).sum())
+            rows += 2 * n
+            changed = v.corrupted != v.views
+            masked[0] += float(((out.reconstruction - v.views).abs() * changed).sum())
+            masked[1] += float(changed.sum())
+    model.train()
+    e = torch.cat(emb)
+    return {
+        "contrastive": sum(contrastive) / len(contrastive),
+        "rank": float(effective_rank(e)),
+        "std": float(embedding_std(e)),
+        "rotation_acc": correct / rows,
+        "recon_masked": masked[0] / max(masked[1], 1.0),
+    }
+
+
+def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: argparse.Namespace) -> dict:
+    import torch
+
+    from ssl3d.config import ModelConfig, OptimConfig
+    from ssl3d.data import build_loaders
+    from ssl3d.model import build_model
+    from ssl3d.optim import lr_at
+    from ssl3d.ssl import MaskingParams, SSLLoss
+    from ssl3d.ssl.task import SSLTask
+    from ssl3d.step import LocalBackend
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(**DIRECT_MODEL))
+    optim_cfg = OptimConfig(lr=DIRECT_LR, warmup_steps=DIRECT_WARMUP, schedule="warmup_cosine")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=DIRECT_LR, weight_decay=optim_cfg.weight_decay)
+    backend = LocalBackend(optimizer)
+    loss_fn = SSLLoss()
+    gen = torch.Generator().manual_seed(seed * 1000 + 1)
+    task = SSLTask(loss_fn, MaskingParams(), gen, grad_cache_chunk=setting["chunk"], negative_queue=setting["queue"])
+    train, _ = build_loaders(_data_config(datalists, setting["crops"], seed, a.work))
+    val_views = _validation_views(datalists, seed, a.work)
+    record: dict = {"setting": setting, "seed": seed, "monitors": [], "train": []}
+    batches = iter(())
+    t0 = time.perf_counter()
+    for step in range(a.steps + 1):
+        if step % a.eval_every == 0:
+            record["monitors"].append({"step": step, **_monitors(model, val_views, loss_fn)})
+            print(f"{name} seed {seed} step {step}: {record['monitors'][-1]}", file=sys.stderr, flush=True)
+        if step == a.steps:
+            break
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(train)
+            batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(optim_cfg, step, a.steps)
+        losses = task.forward_backward(model, batch["image"], backend, sync=True)
+        backend.step()
+        record["train"].append({k: float(v) for k, v in losses.items()})
+    record["seconds"] = time.perf_counter() - t0
+    train.close()
+    return record
+
+
+def direct_main(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    a.work.mkdir(parents=True, exist_ok=True)
+    from ssl3d.data.demo import write_demo_dataset
+
+    datalists = [write_demo_dataset(a.work / "demo_data")]
+    if a.samples:
+        datalists.insert(0, a.samples / "dataset_samples.json")
+    settings = direct_settings(a.recipe, a.queues)
+    out = a.work / "recipe.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for seed in a.seeds or [a.seed]:
+        for name, setting in settings.items():
+            if a.only and name not in a.only.split(","):
+                continue
+            key = f"{name}/seed{seed}"
+            if key in results and len(results[key]["train"]) == a.steps:
+                continue
+            results[key] = direct_run(name, setting, datalists, seed, a)
+            out.write_text(json.dumps(results, indent=1))
+    print(format_direct(results, a.steps))
+    if a.plot:
+        plot_direct(results, a.plot)
+
+
+def _per_setting(results: dict) -> dict[str, list[dict]]:
+    by: dict[str, list[dict]] = {}
+    for key, r in results.items():
+        by.setdefault(key.split("/")[0], []).append(r)
+    return by
+
+
+def format_direct(results: dict, steps: int) -> str:
+    """Each monitor at the last validation, seed by seed (and their mean), then the first seed's series."""
+    lines = [
+        "| setting | views a step (chunk) | queue | seeds | val contrastive (ln 7 = 1.946) | effective rank | "
+        "embedding std | rotation acc. (chance 0.25) | masked recon. L1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in _per_setting(results).items():
+        s = runs[0]["setting"]
+
+        def cell(key: str, fmt: str, runs: list = runs) -> str:
+            last = [r["monitors"][-1][key] for r in runs]
+            text = " / ".join(fmt.format(v) for v in last)
+            if len(last) > 1:
+                text += f" (mean {fmt.format(sum(last) / len(last))})"
+            series = " / ".join(fmt.format(m[key]) for m in runs[0]["monitors"])
+            return f"{text}<br>{series}"
+
+        lines.append(
+            f"| {name} | {2 * s['crops']} ({s['chunk'] or 'one pass'}) | {s['queue'] or '-'} | {len(runs)} | "
+            f"{cell('contrastive', '{:.3f}')} | {cell('rank', '{:.2f}')} | {cell('std', '{:.4f}')} | "
+            f"{cell('rotation_acc', '{:.3f}')} | {cell('recon_masked', '{:.3f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_direct(results: dict, path: Path) -> None:
+    """One panel per monitor, one line per setting (mean over seeds, bold; each seed thin), drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    panels = [
+        ("contrastive", "val contrastive (8 views)", math.log(7), "collapsed: ln 7"),
+        ("rank", "effective rank (64 val. embeddings)", 1.0, "collapsed: 1"),
+        ("std", "embedding std", 0.0, "collapsed: 0"),
+        ("rotation_acc", "rotation accuracy", 0.25, "chance: 0.25"),
+        ("recon_masked", "masked reconstruction L1", None, None),
+    ]
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    pw, ph, left, right, top, bottom = 300, 240, 48, 12, 30, 34
+    by = _per_setting(results)
+    img = Image.new("RGB", (pw * len(panels), ph + 24 * len(by) + 10), "white")
+    d = ImageDraw.Draw(img)
+    for k, (key, title, ref, label) in enumerate(panels):
+        ox = k * pw
+        values = [m[key] for runs in by.values() for r in runs for m in r["monitors"]] + (
+            [ref] if ref is not None else []
+        )
+        lo, hi = min(values), max(values)
+        lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+        max_step = max(m["step"] for runs in by.values() for r in runs for m in r["monitors"]) or 1
+
+        def px(step: float, v: float, ox: int = ox, lo: float = lo, hi: float = hi, ms: int = max_step) -> tuple:
+            return (ox + left + step / ms * (pw - left - right), top + (hi - v) / (hi - lo) * (ph - top - bottom))
+
+        d.rectangle([ox + left, top, ox + pw - right, ph - bottom], outline="black")
+        d.text((ox + left, 8), title, fill="black")
+        for i in range(5):
+            v = lo + (hi - lo) * i / 4
+            _, y = px(0, v)
+            d.line([ox + left, y, ox + pw - right, y], fill=(230, 230, 230))
+            d.text((ox + 2, y - 6), f"{v:.3g}", fill="black")
+        for step in range(0, max_step + 1, max(1, max_step // 6)):
+            x, _ = px(step, lo)
+            d.text((x - 8, ph - bottom + 6), str(step), fill="black")
+        d.text((ox + pw // 2 - 10, ph - 16), "step", fill="black")
+        if ref is not None:
+            (x0, y), (x1, _) = px(0, ref), px(max_step, ref)
+            for xs in range(int(x0), int(x1), 8):
+                d.line([xs, y, min(xs + 4, x1), y], fill=(120, 120, 120))
+            d.text((x1 - 80, y - 12), label, fill=(120, 120, 120))
+        for j, runs in enumerate(by.values()):
+            color = colors[j % len(colors)]
+            if len(runs) > 1:  # each seed thin: collapse is all or nothing per seed, a mean alone would hide it
+                pale = tuple(int(c + (255 - c) * 0.55) for c in color)
+                for r in runs:
+                    d.line([px(m["step"], m[key]) for m in r["monitors"]], fill=pale, width=1)
+            pts = []
+            for i, m in enumerate(runs[0]["monitors"]):
+                vals = [r["monitors"][i][key] for r in runs]
+                x, y = px(m["step"], sum(vals) / len(vals))
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+                pts.append((x, y))
+            d.line(pts, fill=color, width=2)
+    for j, (name, runs) in enumerate(by.items()):
+        s = runs[0]["setting"]
+        what = (
+            f"{2 * s['crops']} views a step, chunk {s['chunk'] or '-'}, queue {s['queue'] or '-'}, {len(runs)} seed(s)"
+        )
+        what += " (bold: mean; thin: each seed)" if len(runs) > 1 else ""
+        d.text((left, ph + 6 + 24 * j), f"{name}: {what}", fill=colors[j % len(colors)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
 
 
 if __name__ == "__main__":

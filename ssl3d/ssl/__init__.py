@@ -10,11 +10,13 @@ from ssl3d.ssl.augment import (
     rotate_random,
 )
 from ssl3d.ssl.losses import LossWeights, SSLLoss, contrastive_loss
+from ssl3d.ssl.queue import NegativeQueue
 
 __all__ = [
     "LossWeights",
     "MaskingParams",
     "MaskingResult",
+    "NegativeQueue",
     "SSLLoss",
     "SSLViews",
     "contrastive_loss",

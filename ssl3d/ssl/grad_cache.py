@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ssl3d.ssl.augment import SSLViews
 from ssl3d.ssl.losses import SSLLoss, contrastive_loss
+from ssl3d.ssl.queue import NegativeQueue
 
 __all__ = ["chunk_slices", "grad_cached_backward"]
 
@@ -47,14 +48,16 @@ def grad_cached_backward(
     context: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     gather: Callable[[Tensor], Tensor] = _identity,
+    queue: NegativeQueue | None = None,
 ) -> dict[str, Tensor]:
     """One micro-batch's forward and backward in chunks of ``chunk`` views; returns the detached losses.
 
     ``backward(loss, last)`` back-propagates one chunk's share of the loss (``last``: the micro-batch's final
     chunk, where a data-parallel backend may reduce gradients); each chunk's forward and backward run inside
     ``context(last)`` (e.g. DDP's ``no_sync`` on all but the last). ``gather`` is the strategy's cross-rank
-    embedding gather, so the cached gradient is that of the global contrastive loss when it gathers.
-    The returned losses equal ``loss_fn`` on the whole micro-batch.
+    embedding gather, so the cached gradient is that of the global contrastive loss when it gathers. ``queue``: its
+    embeddings are extra negatives, and the (gathered) rows of this micro-batch join it once the loss is computed.
+    The returned losses equal ``loss_fn`` on the whole micro-batch (with the queue's negatives).
     """
     rows = views.corrupted.shape[0]  # both views stacked: [2N, C, H, W, D]
     slices = chunk_slices(rows, chunk)
@@ -65,8 +68,11 @@ def grad_cached_backward(
     leaf = emb.detach().requires_grad_()
     half = rows // 2
     z = torch.cat([gather(leaf[:half]), gather(leaf[half:])])
-    contrastive = contrastive_loss(z[: len(z) // 2], z[len(z) // 2 :], loss_fn.temperature)
+    negatives = queue.negatives(z.device) if queue is not None else None  # [K, E]
+    contrastive = contrastive_loss(z[: len(z) // 2], z[len(z) // 2 :], loss_fn.temperature, negatives)
     (cached,) = torch.autograd.grad(contrastive, leaf)  # [2N, E]
+    if queue is not None:
+        queue.enqueue(z.detach())
     del emb, leaf, z
     # (3) Per chunk: recompute with a graph; rotation CE and L1 are per-row means, so a chunk's share is its
     # mean times its fraction of the rows.

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ssl3d.ssl.augment import MaskingParams, SSLViews, make_views
 from ssl3d.ssl.grad_cache import grad_cached_backward
 from ssl3d.ssl.losses import SSLLoss
+from ssl3d.ssl.queue import NegativeQueue
 
 __all__ = ["LOSS_KEYS", "SSLTask"]
 
@@ -31,7 +32,9 @@ class SSLTask:
 
     ``generator`` draws the views' rotations and masks (the trainer's per-rank stream, saved in checkpoints);
     ``grad_cache_chunk`` > 0 runs that many views per forward/backward with the whole micro-batch's gradients;
-    ``two_passes`` runs one forward per view as the reference did (for benchmarks)."""
+    ``two_passes`` runs one forward per view as the reference did (for benchmarks); ``negative_queue`` > 0 keeps
+    that many embeddings of earlier views as extra contrastive negatives (``ssl3d.ssl.queue``), 0 the reference's
+    loss. The queue is state a resumed run needs: ``state_dict()`` / ``load_state_dict()``, per rank."""
 
     loss_keys = LOSS_KEYS
 
@@ -43,12 +46,35 @@ class SSLTask:
         *,
         grad_cache_chunk: int = 0,
         two_passes: bool = False,
+        negative_queue: int = 0,
     ):
+        if negative_queue < 0:
+            raise ValueError(f"negative_queue: got {negative_queue}, expected 0 (off) or the queued embeddings")
         self.loss_fn = loss_fn
         self.masking = masking or MaskingParams()
         self.generator = generator
         self.grad_cache_chunk = grad_cache_chunk
         self.two_passes = two_passes
+        self.queue = NegativeQueue(negative_queue) if negative_queue else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the model, the optimizer and the generator: the negative queue (this
+        rank's; ``{}`` without one). Tensors are on the CPU."""
+        return {"negative_queue": self.queue.state_dict()} if self.queue is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; a checkpoint with a queue into a run without one (or the reverse) is
+        refused, since the losses would not continue where they stopped."""
+        saved = state.get("negative_queue")
+        if (saved is None) != (self.queue is None):
+            have = self.queue.size if self.queue is not None else 0
+            want = saved["size"] if saved is not None else 0
+            raise ValueError(
+                f"ssl.negative_queue: the checkpoint was written with {want}, this run has {have}; "
+                f"resume with ssl.negative_queue={want}"
+            )
+        if self.queue is not None and saved is not None:
+            self.queue.load_state_dict(saved)
 
     def views(self, batch: Tensor | SSLViews) -> SSLViews:
         if isinstance(batch, SSLViews):
@@ -56,7 +82,8 @@ class SSLTask:
         return make_views(batch, self.generator, self.masking)  # both views stacked: [2N, C, H, W, D]
 
     def losses(self, model: nn.Module, views: SSLViews, backend: Any) -> dict[str, Tensor]:
-        """Forward and losses; the model's outputs are released on return, before any backward."""
+        """Forward and losses; the model's outputs are released on return, before any backward. With a negative
+        queue, the loss uses its embeddings and this micro-batch's (gathered) rows join it afterwards."""
         with backend.autocast():
             x = views.corrupted
             if self.two_passes:
@@ -74,7 +101,12 @@ class SSLTask:
         emb = emb.float()
         n = emb.shape[0] // 2
         emb = torch.cat([backend.gather_embeddings(emb[:n]), backend.gather_embeddings(emb[n:])])
-        return self.loss_fn(rot.float(), views.rot_labels, emb, rec.float(), views.views)
+        if self.queue is None:
+            return self.loss_fn(rot.float(), views.rot_labels, emb, rec.float(), views.views)
+        negatives = self.queue.negatives(emb.device)
+        losses = self.loss_fn(rot.float(), views.rot_labels, emb, rec.float(), views.views, negatives)
+        self.queue.enqueue(emb.detach())
+        return losses
 
     def forward_backward(
         self,
@@ -122,5 +154,6 @@ class SSLTask:
             context=lambda last: backend.accumulate(sync and last),
             autocast=backend.autocast,
             gather=backend.gather_embeddings,
+            queue=self.queue,
         )
         return {k: loss_hook(v) for k, v in losses.items()}

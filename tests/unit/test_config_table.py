@@ -59,6 +59,12 @@ ROWS = [
     row("zero-steps", {"train": {"num_steps": 0}}, needles=("train.num_steps", "got 0", "at least 1")),
     row("zero-temperature", {"ssl": {"temperature": 0}}, needles=("ssl.temperature", "got 0", "positive")),
     row("max-drop-above-1", {"ssl": {"max_drop": 1.5}}, needles=("ssl.max_drop", "1.5", "[0, 1]")),
+    row(
+        "negative-queue-below-0",
+        {"ssl": {"negative_queue": -8}},
+        needles=("ssl.negative_queue", "-8", "0 (off) or the queued negatives"),
+    ),
+    row("fraction-queue", {"ssl": {"negative_queue": 0.5}}, needles=("ssl.negative_queue", "0.5", "an integer")),
     row("drop-path-1", {"model": {"drop_path_rate": 1.0}}, needles=("model.drop_path_rate", "1.0", "[0, 1)")),
     row("negative-momentum", {"optim": {"momentum": -0.5}}, needles=("optim.momentum", "-0.5", "[0, 1)")),
     row("zero-in-channels", {"model": {"in_channels": 0}}, needles=("model.in_channels", "got 0", "at least 1")),

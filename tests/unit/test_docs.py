@@ -42,7 +42,7 @@ PRETRAIN_SCRIPT = "launch/pretrain.py"
 # Options of other programs that the pages name on their own in inline code; no parser for them here.
 FOREIGN_FLAGS = {"--signal": "sbatch", "--requeue": "sbatch"}
 # Files a command may name that a checkout has (the dry runs see them); any other path is a placeholder.
-SANDBOX_LINKS = ("ds_configs", "launch", "bench")
+SANDBOX_LINKS = ("ds_configs", "launch", "bench", "configs")
 PATHLIKE = re.compile(r"/|\.(json|pt|nii|gz|png|txt|mha|mhd|nrrd|sbatch|py)$")
 # A dotted run-config key, not a file name (model_swinvit.pt, dataset.json) or a path (data/lidc).
 KEY = re.compile(rf"(?<![\w./-])({'|'.join(SECTIONS)})((?:\.[A-Za-z_]\w*)+)(?![\w/-]|\.\w)")
