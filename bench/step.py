@@ -10,14 +10,21 @@ minor page faults it prints show how often the allocator asked the kernel for fr
     python bench/step.py --modes ssl3d --policy '{"policy": "selective", "stages": [0, 1], "part": "both"}'
     python bench/step.py --modes ssl3d --roi 96 --device cuda --precision bf16
     python bench/step.py --roi 96 --batch 2 --device cuda --flops
+    python bench/step.py --modes ssl3d --profile 25 --policy none    # where one step's time and bytes go
 
 By default (``--precision auto --cudnn-benchmark auto``) each mode runs at its own training settings: the
 reference on a GPU as its script trains (fp16 autocast with a GradScaler, ``torch.backends.cudnn.benchmark =
 True``), ssl3d at its own defaults (``train.precision`` "auto": bf16 from compute capability 8, fp16 below;
 ``train.cudnn_benchmark`` and ``train.allow_tf32`` where the run config has them); both in fp32 on the CPU, where
-the reference cannot run at all. fp16 always comes with a GradScaler. ``--flops`` adds the step's FLOPs (torch's
-FLOP counter on the untimed warm-up step) and the model FLOP utilisation: achieved FLOP/s over the dense matmul rate
-measured in the same process (in the step's compute dtype on a GPU, fp32 on the CPU).
+the reference cannot run at all. fp16 always comes with a GradScaler.
+
+``--flops`` adds the step's FLOPs (torch's FLOP counter on the untimed warm-up step: what runs, recomputation
+included) and the FLOP utilisation: achieved FLOP/s over the dense matmul rate measured in the same process (in the
+step's compute dtype on a GPU, fp32 on the CPU; bf16 too where the device multiplies it natively). With both modes,
+the MFU on model FLOPs (the reference's count, in which nothing is recomputed) is printed for both side by side.
+``--profile N`` runs one more step under ``torch.profiler`` and prints the N operators with the most self time,
+split into forward, backward and optimizer, with the bytes each allocated; every mode also reports the minor page
+faults per timed step.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +120,17 @@ def dense_gemm_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0
     return best
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively (CUDA from compute capability 8; a CPU with AVX512-BF16 or AMX),
+    so a bf16 GEMM rate is worth measuring beside fp32's."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def count_cpu_sdpa() -> None:
     """Give torch's FLOP counter a formula for the CPU's fused attention kernel.
 
@@ -128,6 +146,95 @@ def count_cpu_sdpa() -> None:
     @register_flop_formula(op)
     def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def _phase(event: Any) -> str | None:
+    """The step phase (a ``record_function`` marker ``## name ##`` among the event's ancestors) of an event."""
+    while event is not None:
+        if event.name.startswith("## ") and event.name.endswith(" ##"):
+            return event.name[3:-3]
+        event = event.cpu_parent
+    return None
+
+
+def profile_table(prof: torch.profiler.profile, top: int, device_type: str = "cpu") -> dict:
+    """Self CPU time and bytes allocated per operator and phase of one profiled step.
+
+    Self time is torch's (an operator's time less its children's). Bytes are the allocations (not the net change)
+    made while the operator, and none of its children, ran: the profiler's memory records on ``device_type``,
+    attributed by time."""
+    import bisect
+
+    import torch
+
+    results = prof.profiler.kineto_results
+    t0 = results.trace_start_ns()  # FunctionEvent times are microseconds from the trace's start
+    device = torch.device(device_type).type
+    mem = sorted(
+        ((e.start_ns() - t0) / 1000, e.nbytes())
+        for e in results.events()
+        if e.name() == "[memory]" and e.nbytes() > 0 and str(e.device_type()).split(".")[-1].lower() == device
+    )
+    times = [t for t, _ in mem]
+    prefix = [0]
+    for _, nbytes in mem:
+        prefix.append(prefix[-1] + nbytes)
+
+    def allocated(e) -> tuple[int, int]:
+        lo = bisect.bisect_left(times, e.time_range.start)
+        hi = bisect.bisect_right(times, e.time_range.end)
+        return prefix[hi] - prefix[lo], hi - lo
+
+    rows: dict[tuple[str, str], list[float]] = {}
+    totals = {p: [0.0, 0, 0] for p in PHASES}
+    for e in prof.events():
+        phase = _phase(e)
+        if phase not in totals or e.name.startswith("## "):
+            continue
+        nbytes, count = allocated(e)
+        for child in e.cpu_children:
+            b, c = allocated(child)
+            nbytes, count = nbytes - b, count - c
+        row = rows.setdefault((e.name, phase), [0.0, 0, 0, 0])
+        row[0] += e.self_cpu_time_total / 1e6
+        row[1] += nbytes
+        row[2] += count
+        row[3] += 1
+        totals[phase][0] += e.self_cpu_time_total / 1e6
+        totals[phase][1] += nbytes
+        totals[phase][2] += count
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "phases": {p: {"self_s": t, "allocated_bytes": b, "allocations": c} for p, (t, b, c) in totals.items()},
+        "allocated_bytes": prefix[-1],
+        "allocations": len(mem),
+        "top": [
+            {"op": name, "phase": phase, "self_s": t, "allocated_bytes": b, "allocations": c, "calls": n}
+            for (name, phase), (t, b, c, n) in ranked
+        ],
+    }
+
+
+def print_profile(label: str, table: dict) -> None:
+    """The profile as a Markdown table (what BENCHMARKS.md quotes)."""
+    total = sum(p["self_s"] for p in table["phases"].values())
+    phases = ", ".join(
+        f"{k} {v['self_s']:.2f} s / {v['allocated_bytes'] / 2**30:.2f} GiB" for k, v in table["phases"].items()
+    )
+    print(
+        f"\n{label}: profiled step {total:.2f} s self time ({phases}); "
+        f"{table['allocated_bytes'] / 2**30:.2f} GiB in {table['allocations']} allocations"
+    )
+    print("| operator | phase | self time (s) | share | allocated (GiB) | calls |")
+    print("|---|---|---|---|---|---|")
+    for r in table["top"]:
+        print(
+            f"| {r['op']} | {r['phase']} | {r['self_s']:.3f} | {r['self_s'] / total:.1%} | "
+            f"{r['allocated_bytes'] / 2**30:.2f} | {r['calls']} |"
+        )
 
 
 def training_settings(a: argparse.Namespace, device: torch.device) -> tuple[str, bool, bool | None]:
@@ -193,23 +300,28 @@ def run_one(a: argparse.Namespace) -> dict:
     torch.autograd.set_detect_anomaly(reference)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            if reference:
-                x1, x2, a1, a2, labels = reference_views(x, rng)
-                o1, o2 = model(a1), model(a2)
-                rot = torch.cat([o1.rotation, o2.rotation])
-                emb = torch.cat([o1.contrastive, o2.contrastive])
-                rec = torch.cat([o1.reconstruction, o2.reconstruction])
-                target = torch.cat([x1, x2])
-            else:
-                v = make_views(x, gen, MaskingParams())
-                o = model(v.corrupted)
-                rot, emb, rec, target, labels = o.rotation, o.contrastive, o.reconstruction, v.views, v.rot_labels
-        loss = loss_fn(rot.float(), labels, emb.float(), rec.float(), target)["total"]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        from torch.profiler import record_function
+
+        with record_function("## forward ##"):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                if reference:
+                    x1, x2, a1, a2, labels = reference_views(x, rng)
+                    o1, o2 = model(a1), model(a2)
+                    rot = torch.cat([o1.rotation, o2.rotation])
+                    emb = torch.cat([o1.contrastive, o2.contrastive])
+                    rec = torch.cat([o1.reconstruction, o2.reconstruction])
+                    target = torch.cat([x1, x2])
+                else:
+                    v = make_views(x, gen, MaskingParams())
+                    o = model(v.corrupted)
+                    rot, emb, rec, target, labels = o.rotation, o.contrastive, o.reconstruction, v.views, v.rot_labels
+            loss = loss_fn(rot.float(), labels, emb.float(), rec.float(), target)["total"]
+        with record_function("## backward ##"):
+            scaler.scale(loss).backward()
+        with record_function("## optimizer ##"):
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
 
     counter = None
     if a.flops:
@@ -217,10 +329,11 @@ def run_one(a: argparse.Namespace) -> dict:
 
         count_cpu_sdpa()
         counter = FlopCounterMode(display=False)
-    times = []
+    times, faults = [], []
     for i in range(a.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         # The warm-up step is not timed: it also runs under the FLOP counter (whose dispatch costs time).
         with counter if counter is not None and i == 0 else contextlib.nullcontext():
@@ -228,7 +341,17 @@ def run_one(a: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     steady = times[1:]  # the first step warms up allocators and kernels (and runs cuDNN's autotuning)
+    profile = None
+    if a.profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities, profile_memory=True) as prof:
+            step()
+        profile = profile_table(prof, a.profile, device.type)
     out = {
         "mode": a.mode,
         "precision": precision,
@@ -239,7 +362,10 @@ def run_one(a: argparse.Namespace) -> dict:
         "step_times_s": [round(t, 3) for t in steady],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
+        "page_faults_per_step": sum(faults[1:]) // len(faults[1:]),
     }
+    if profile is not None:
+        out["profile"] = profile
     if device.type == "cuda":
         out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["cuda_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -250,6 +376,8 @@ def run_one(a: argparse.Namespace) -> dict:
         out["gemm_dtype"] = str(gemm_dtype).removeprefix("torch.")
         out["gemm_flops_per_s"] = dense_gemm_rate(device, gemm_dtype)
         out["mfu"] = out["achieved_flops_per_s"] / out["gemm_flops_per_s"]
+        if gemm_dtype != torch.bfloat16 and native_bf16(device):
+            out["gemm_bf16_flops_per_s"] = dense_gemm_rate(device, torch.bfloat16)
     return out
 
 
@@ -278,6 +406,13 @@ def main() -> None:
         help="torch.backends.cudnn.benchmark (auto: on for the reference, ssl3d's train.cudnn_benchmark)",
     )
     p.add_argument("--flops", action="store_true", help="FLOPs per step, the measured matmul rate and the MFU")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one more step under torch.profiler: the N operators with the most self time, bytes allocated",
+    )
     p.add_argument("--use-checkpoint", action="store_true", help="reference mode: MONAI's per-block checkpointing")
     p.add_argument(
         "--policy",
@@ -303,17 +438,37 @@ def main() -> None:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
         label = a.policy if mode == "ssl3d" else ("use_checkpoint" if a.use_checkpoint else "plain")
-        mfu = f"  {r['flops_per_step'] / 1e9:.1f} GFLOP/step, MFU {r['mfu']:.1%}" if "mfu" in r else ""
+        mfu = ""
+        if "mfu" in r:
+            bf16 = f", bf16 {r['gemm_bf16_flops_per_s'] / 1e9:.0f}" if "gemm_bf16_flops_per_s" in r else ""
+            mfu = (
+                f"\n{'':10s} {r['flops_per_step'] / 1e9:.1f} GFLOP/step executed, {r['achieved_flops_per_s'] / 1e9:.1f}"
+                f" GFLOP/s; dense GEMM {r['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s ({r['gemm_dtype']}{bf16}); "
+                f"MFU {r['mfu']:.1%}"
+            )
         print(
             f"{mode:10s} {label:14s} step {r['step_time_s']:.2f} s  "
-            f"peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}  page faults {r['minor_page_faults']}{mfu}"
+            f"peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}  page faults {r['minor_page_faults']} "
+            f"({r['page_faults_per_step']} a step){mfu}"
         )
+        if "profile" in r:
+            print_profile(f"{mode} {label}", r["profile"])
     if len(results) == 2:
         ref, ours = results
         print(
             f"ratio ssl3d/reference: step time {ours['step_time_s'] / ref['step_time_s']:.2f}x, "
             f"peak RSS {ours['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x"
         )
+        if "mfu" in ref and "mfu" in ours:
+            # Model FLOPs: the reference's count (eager attention, nothing recomputed). ssl3d's executed count also
+            # holds what it recomputes (the fused attention's backward, checkpointed parts), which is not progress.
+            model_flops = ref["flops_per_step"]
+            print(
+                f"model FLOPs {model_flops / 1e9:.1f} GFLOP/step (the reference's count); MFU on them: reference "
+                f"{model_flops / ref['step_time_s'] / ref['gemm_flops_per_s']:.1%}, ssl3d "
+                f"{model_flops / ours['step_time_s'] / ours['gemm_flops_per_s']:.1%} (each of its own measured "
+                f"GEMM rate); ssl3d executes {ours['flops_per_step'] / model_flops:.2f}x the model FLOPs"
+            )
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
 

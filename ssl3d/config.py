@@ -53,6 +53,8 @@ class ModelConfig:
     use_checkpoint: bool = False
     # Window attention through scaled_dot_product_attention in training too (MONAI uses it only without grad).
     fused_attention: bool = True
+    # Regional torch.compile of the Swin blocks (ssl3d.model.compile): after checkpointing, before wrapping.
+    compile: bool = False
     # Initialise from a model_swinvit.pt file or a reference / ssl3d checkpoint.
     init_weights: str | None = None
 
@@ -93,6 +95,9 @@ class SSLConfig:
     # Views per forward/backward chunk with contrastive gradient caching (Gao et al., 2021): peak activation
     # memory is that of one chunk, the gradients those of the whole batch. 0: all views in one pass (reference).
     grad_cache_chunk: int = 0
+    # MoCo-style queue of negatives: this many embeddings of earlier views (detached) as extra negatives in the
+    # contrastive loss; holds negative_queue x contrastive_dim fp32 per rank. 0: off (the reference's loss).
+    negative_queue: int = 0
 
 
 @dataclass
@@ -366,6 +371,25 @@ def roi_problems(roi: Sequence[int], key: str) -> list[str]:
     return p
 
 
+def compile_problem(device: str) -> str | None:
+    """Why ``model.compile`` cannot run on ``device`` ("auto" counts as the CPU) here, or None: inductor writes C++
+    for the CPU; on CUDA, Triton builds its launchers with a C compiler."""
+    import shutil
+
+    if device in ("cpu", "auto"):
+        if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            return (
+                "model.compile: true needs a C++ compiler for torch.compile on the CPU (no c++, g++ or clang++ "
+                "found); install one (Debian: apt install g++) or set model.compile=false"
+            )
+    elif not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        return (
+            "model.compile: true needs a C compiler for Triton's kernels on the GPU (no cc, gcc or clang found); "
+            "install one or set model.compile=false"
+        )
+    return None
+
+
 def validate(cfg: Config, check_files: bool = True) -> list[str]:
     """Value checks that types alone cannot express; returns one line per problem."""
     p: list[str] = []
@@ -388,6 +412,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"model.in_channels: got {m.in_channels}, expected at least 1 (CT: 1)")
     if not 0.0 <= m.drop_path_rate < 1.0:
         p.append(f"model.drop_path_rate: got {m.drop_path_rate}, expected a value in [0, 1)")
+    if m.compile and (problem := compile_problem(t.device)):
+        p.append(problem)
     if m.init_weights and check_files and not Path(m.init_weights).exists():
         p.append(f"model.init_weights: {m.init_weights} not found; expected a weight file or a checkpoint folder")
     p += roi_problems(d.roi, "data.roi")
@@ -419,6 +445,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         p.append(f"ssl.temperature: got {s.temperature}, expected a positive number (reference: 0.5)")
     if s.grad_cache_chunk < 0:
         p.append(f"ssl.grad_cache_chunk: got {s.grad_cache_chunk}, expected 0 (off) or the views per chunk (>= 1)")
+    if s.negative_queue < 0:
+        p.append(f"ssl.negative_queue: got {s.negative_queue}, expected 0 (off) or the queued negatives (>= 1)")
     if s.contrastive_dim < 1:
         p.append(f"ssl.contrastive_dim: got {s.contrastive_dim}, expected at least 1 (reference: 512)")
     if not 0.0 <= s.max_drop <= 1.0:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl3d.config import ConfigError
+from ssl3d.model.attention import FusedSwinBlock
 from ssl3d.model.ssl_model import ReorderedSequential, execution_order
 
 __all__ = [
@@ -357,6 +358,17 @@ class CheckpointedSwinBlock(SwinTransformerBlock):
         return self._parts(x, mask_matrix, p1, p2)
 
 
+class CheckpointedFusedSwinBlock(CheckpointedSwinBlock, FusedSwinBlock):
+    """``CheckpointedSwinBlock`` over ``FusedSwinBlock``: the checkpointing forward, the fused window shuffling."""
+
+
+# The Swin block classes checkpointing accepts, each with the class it swaps a block to.
+_BLOCK_CLASSES: dict[type, type] = {
+    SwinTransformerBlock: CheckpointedSwinBlock,
+    FusedSwinBlock: CheckpointedFusedSwinBlock,
+}
+
+
 class CheckpointedSequential(nn.Sequential):
     """A Sequential decoder run as segments ``_ssl3d_segments`` ([start, end) ranges of positions in its execution
     order, see ``execution_order``) under ``_ssl3d_plan``; ``_ssl3d_base`` is the class it had before."""
@@ -448,8 +460,8 @@ def _check_bare(model: nn.Module) -> None:
 def remove_activation_checkpointing(model: nn.Module) -> None:
     """Restore MONAI's classes (undo ``apply_activation_checkpointing``)."""
     for module in model.modules():
-        if type(module) is CheckpointedSwinBlock:
-            module.__class__ = SwinTransformerBlock
+        if type(module) in _BLOCK_CLASSES.values():
+            module.__class__ = next(base for base, wrapped in _BLOCK_CLASSES.items() if wrapped is type(module))
             module.__dict__.pop("_ssl3d_plan", None)
         elif type(module) is CheckpointedSequential:
             module.__class__ = module.__dict__.pop("_ssl3d_base", nn.Sequential)
@@ -471,7 +483,7 @@ def apply_activation_checkpointing(
     policy = as_policy(policy)
     _check_bare(model)
     for name, block in model.named_modules():
-        if isinstance(block, SwinTransformerBlock) and type(block) not in (SwinTransformerBlock, CheckpointedSwinBlock):
+        if isinstance(block, SwinTransformerBlock) and type(block) not in (*_BLOCK_CLASSES, *_BLOCK_CLASSES.values()):
             raise TypeError(
                 f"apply_activation_checkpointing: {name} is a {type(block).__name__}, changed by a wrapper; "
                 "apply checkpointing before FSDP/DeepSpeed/torch.compile"
@@ -491,7 +503,7 @@ def apply_activation_checkpointing(
             if not isinstance(block, SwinTransformerBlock):
                 continue
             if counter % policy.every_k_blocks == 0:
-                block.__class__ = CheckpointedSwinBlock
+                block.__class__ = _BLOCK_CLASSES[type(block)]
                 block._ssl3d_plan = replace(plan, part=policy.part, mlp_chunks=policy.mlp_chunks)
             counter += 1
         down = layer.downsample
