@@ -109,12 +109,13 @@ def run_roi(a: argparse.Namespace) -> dict[str, Any]:
     from ssl3d.config import ConfigError, ModelConfig
     from ssl3d.memory.plan import fit_memory
     from ssl3d.memory.profile import profile_memory
+    from ssl3d.tasks import PRETRAIN
 
     model = ModelConfig(feature_size=a.feature_size, depths=tuple(a.depths))
     cap = int(a.cap_gib * GIB)
     if a.device == "cuda" and cap:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))
-    common = {"precision": a.sweep_precision, "fused_attention": True, "device": a.device}
+    common = {"precision": a.sweep_precision, "fused_attention": True, "device": a.device, "task": PRETRAIN}
     budget = cap or 2**50
     try:
         fit = fit_memory(budget, model, a.one_roi, a.sweep_batch, a.sweep_crops, **common)
@@ -137,6 +138,7 @@ def run_roi(a: argparse.Namespace) -> dict[str, Any]:
             module_peaks=False,
             breakdown=False,
             grad_cache_chunk=chunk,
+            task=PRETRAIN,
         )
         out.update(trained=True, measured=r["measured"], estimate=r["estimate"]["bytes"], step_time_s=r["step_time_s"])
         out["estimate_vs_measured"] = r.get("estimate_vs_measured")

@@ -27,6 +27,7 @@ from ssl3d.memory.estimate import GIB  # noqa: E402
 from ssl3d.memory.plan import DEFAULT_LADDER, task_ladder  # noqa: E402
 from ssl3d.memory.profile import profile_in_subprocess  # noqa: E402
 from ssl3d.step import StepSettings  # noqa: E402
+from ssl3d.tasks import PRETRAIN, TASKS, get_task  # noqa: E402
 
 ROWS = [
     ("eager-none", {"policy": "none"}, False, False),
@@ -48,14 +49,15 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--only", help="comma list of row names to run (default: all)")
     p.add_argument("--grad-cache-chunk", type=int, default=0, help="views per chunk with gradient caching (0: off)")
-    p.add_argument("--task", default="pretrain", choices=["pretrain", "finetune", "probe"])
+    p.add_argument("--task", default=PRETRAIN.name, choices=list(TASKS))
     p.add_argument("--num-classes", type=int, default=14, help="finetune/probe: classes including background")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args()
     rows = ROWS
-    if a.task != "pretrain":
+    task = get_task(a.task)
+    if task is not PRETRAIN:
         step = StepSettings(
-            ModelConfig(feature_size=a.feature_size), (a.roi,) * 3, task=a.task, num_classes=a.num_classes
+            ModelConfig(feature_size=a.feature_size), (a.roi,) * 3, task=task, num_classes=a.num_classes
         )
         rows = [("eager-none", {"policy": "none"}, False, False)]
         rows += [(name, pol, True, False) for name, pol in task_ladder(DEFAULT_LADDER, step)]
@@ -66,10 +68,9 @@ def main() -> None:
         "| whole-process estimated (GiB) | est/meas | step time (s) |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
-    task = f"{a.task} ({a.num_classes} classes), " if a.task != "pretrain" else ""
-    views = " (x2 views)" if a.task == "pretrain" else ""
+    views = f" (x{task.views_per_crop} views)" if task.views_per_crop > 1 else ""
     print(
-        f"{task}full-size={a.feature_size == 48} feature {a.feature_size}, ROI {a.roi}^3, "
+        f"{task.describe(a.num_classes)}full-size={a.feature_size == 48} feature {a.feature_size}, ROI {a.roi}^3, "
         f"batch {a.batch} x {a.crops} crops{views}, {a.precision}, {a.device}, {a.threads} threads, gradient caching "
         f"{a.grad_cache_chunk or 'off'}"
     )
@@ -90,7 +91,7 @@ def main() -> None:
             module_peaks=False,
             breakdown=False,
             grad_cache_chunk=a.grad_cache_chunk,
-            task=a.task,
+            task=task,
             num_classes=a.num_classes,
         )
         m = r["measured"]

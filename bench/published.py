@@ -34,6 +34,7 @@ from ssl3d.config import ModelConfig  # noqa: E402
 from ssl3d.memory.estimate import GIB, estimate_memory  # noqa: E402
 from ssl3d.memory.plan import CAPACITY_MARGIN, usable_capacity  # noqa: E402
 from ssl3d.step import StepSettings  # noqa: E402
+from ssl3d.tasks import get_task  # noqa: E402
 
 GB = 10**9
 MIB = 2**20
@@ -194,7 +195,7 @@ def estimate(fig: Figure, r: Reading) -> dict[str, Any]:
     second copy of the fp32 gradients; ssl3d's DDP uses the gradients as the buckets)."""
     step = StepSettings(
         fig.model, (fig.roi,) * 3, r.batch_size, r.num_samples, r.precision, r.policy, fused_attention=False,
-        two_passes=fig.two_passes, task=fig.task, num_classes=fig.num_classes,
+        two_passes=fig.two_passes, task=get_task(fig.task), num_classes=fig.num_classes,
     )  # fmt: skip
     strategy = "ddp" if fig.world_size > 1 else "single"
     est = estimate_memory(step, strategy=strategy, world_size=fig.world_size, device="cuda")

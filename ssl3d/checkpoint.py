@@ -381,6 +381,26 @@ def _weights_problem(path: Path) -> str | None:
     return None
 
 
+def load_weights_file(path: Path, allow_pickle: bool = False) -> Any:
+    """``torch.load`` of a weights file a user named, on the CPU; a file torch cannot read (truncated, damaged, not a
+    PyTorch file, or one that needs full unpickling) is a ``ConfigError`` naming it and what to do, not a traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for unreadable and untrusted files
+        if not allow_pickle and "weights_only" in str(exc).lower() and "pickle" in str(exc).lower():
+            raise ConfigError(
+                f"{path}: this file needs full unpickling, which can run arbitrary code; "
+                "pass --allow-pickle only if you trust its source"
+            ) from None
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        what = what.split(". ")[0].rstrip(".")  # torch's first sentence (its advice follows)
+        size = path.stat().st_size if path.is_file() else 0
+        raise ConfigError(
+            f"{path}: not a readable weights file ({size} bytes; torch: {what}); it is truncated or damaged: copy it "
+            "again, or export it again from its run with ssl3d export"
+        ) from None
+
+
 def read_weights(path: Path, allow_pickle: bool = False, verify: bool = True) -> dict[str, torch.Tensor]:
     """Any weight file ssl3d knows -> plain SSL-model names (``swinViT.*``, heads, ``conv.*``).
 
@@ -397,15 +417,7 @@ def read_weights(path: Path, allow_pickle: bool = False, verify: bool = True) ->
         from ssl3d.strategies import read_checkpoint_weights
 
         return read_checkpoint_weights(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for untrusted pickles
-        if not allow_pickle and "weights_only" in str(exc):
-            raise ConfigError(
-                f"{path}: this file needs full unpickling, which can run arbitrary code; "
-                "pass --allow-pickle only if you trust its source"
-            ) from None
-        raise
+    blob = load_weights_file(path, allow_pickle)
     if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
         state = blob["model"]
     elif isinstance(blob, dict) and "state_dict" in blob:

@@ -137,13 +137,15 @@ def run_pretrain(a: argparse.Namespace, reference_flags: bool = False) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from ssl3d.strategies import strategy_from_ds_config
+    from ssl3d.tasks import PretrainTask
     from ssl3d.trainer import Trainer
 
     strategy = strategy_from_ds_config(ds, device, cfg.train)
+    task = PretrainTask()
     try:
         if budget is not None:
-            apply_memory_fit(cfg, strategy, budget)
-        trainer = Trainer(cfg, strategy)
+            apply_memory_fit(cfg, strategy, budget, task)
+        trainer = Trainer(cfg, strategy, task)
         summary = trainer.fit()
         if strategy.is_main and summary:
             first, last = summary["first"], summary["last"]
@@ -276,18 +278,20 @@ def run_data(a: argparse.Namespace) -> int:
     return 0
 
 
-def memory_task(a: argparse.Namespace, cfg: Config) -> tuple[str, int]:
+def memory_task(a: argparse.Namespace, cfg: Config) -> tuple[Any, int]:
     """What ``ssl3d memory`` estimates: ``--task``, else the config's ``finetune.task`` when its file or ``--set``
     has a ``finetune`` section (a fine-tuning config), else pre-training; and the classes for a downstream task:
     ``--num-classes``, ``finetune.num_classes``, or the datalists' ``labels`` map."""
     from ssl3d.config import parse_override, read_json
+    from ssl3d.tasks import PRETRAIN, get_task
 
-    task = getattr(a, "task", None)
-    if task is None:
+    name = getattr(a, "task", None)
+    if name is None:
         doc = read_json(a.config) if a.config else {}
         given = "finetune" in doc or any(parse_override(o)[0].startswith("finetune.") for o in a.overrides)
-        task = cfg.finetune.task if given else "pretrain"
-    if task == "pretrain":
+        name = cfg.finetune.task if given else PRETRAIN.name
+    task = get_task(name)
+    if not task.needs_classes:
         return task, 0
     n = getattr(a, "num_classes", None) or cfg.finetune.num_classes
     if not n and cfg.data.datalists:
@@ -296,8 +300,8 @@ def memory_task(a: argparse.Namespace, cfg: Config) -> tuple[str, int]:
         n = load_labelled(cfg, check_files=False).num_classes
     if not n:
         raise ConfigError(
-            f"--num-classes: needed for --task {task} (finetune.num_classes is 0 and no datalist has a labels map); "
-            "give the classes including background, e.g. --num-classes 14"
+            f"--num-classes: needed for --task {task.name} (finetune.num_classes is 0 and no datalist has a labels "
+            "map); give the classes including background, e.g. --num-classes 14"
         )
     if n < 2:
         raise ConfigError(f"--num-classes: got {n}, expected at least 2 (background included)")
@@ -463,8 +467,27 @@ def run_probe(a: argparse.Namespace) -> int:
     return run_downstream(a, "probe")
 
 
+TRAINING_COMMANDS = ("pretrain", "finetune", "probe")
+
+
+def announce_allocator(a: argparse.Namespace) -> None:
+    """A training run started as a program: tcmalloc when installed (``ssl3d.allocator``; this may re-execute the
+    process), and the run's first line says which allocator it has. Not for ``main([...])`` called in-process."""
+    if getattr(a, "command", "pretrain") not in TRAINING_COMMANDS or getattr(a, "dry_run", False):
+        return
+    import os
+
+    from ssl3d.allocator import ensure_tcmalloc
+
+    line = ensure_tcmalloc(fit_memory=bool(getattr(a, "fit_memory", None)))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ssl3d: {line}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = make_parser().parse_args(argv)
+    if argv is None:
+        announce_allocator(a)
     handlers = {
         "pretrain": run_pretrain,
         "finetune": run_finetune,
@@ -482,7 +505,10 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     add_run_flags(parser)
     add_dry_run(parser)
     add_reference_flags(parser)
-    return guarded(run_pretrain, parser.parse_args(argv), True)
+    a = parser.parse_args(argv)
+    if argv is None:
+        announce_allocator(a)
+    return guarded(run_pretrain, a, True)
 
 
 if __name__ == "__main__":

@@ -129,9 +129,9 @@ def build_config(a: argparse.Namespace, reference_flags: bool = False, demo: boo
 def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
     """What the config alone cannot show, before any process group, model or loader exists: the preset against
     the run config, world size and device, the datalists' contents (their images too with
-    data.on_bad_volume=fail) and the checkpoint that train.resume names. Every problem is reported at once;
-    returns the resolved preset and this rank's device."""
-    from ssl3d.checkpoint import resolve_resume, resume_mismatch
+    data.on_bad_volume=fail), the weights model.init_weights names and the checkpoint that train.resume names.
+    Every problem is reported at once; returns the resolved preset and this rank's device."""
+    from ssl3d.checkpoint import read_weights, resolve_resume, resume_mismatch
     from ssl3d.data.datalist import load_datalists
     from ssl3d.strategies import resolve_strategy_config
 
@@ -146,6 +146,11 @@ def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
             load_datalists(cfg.data, seed=cfg.train.seed, check_files=cfg.data.on_bad_volume == "fail")
         except ConfigError as exc:
             problems += exc.problems
+    if cfg.model.init_weights:
+        try:
+            read_weights(Path(cfg.model.init_weights))  # readable and, for a checkpoint folder, verified
+        except ConfigError as exc:
+            problems += exc.problems
     try:
         resume = resolve_resume(cfg.train.resume, Path(cfg.train.logdir) / "checkpoints")
         if resume is not None:
@@ -157,11 +162,11 @@ def check_run_inputs(cfg: Config) -> tuple[Any, Any]:
     return resolved
 
 
-def apply_memory_fit(cfg: Config, strategy: Any, budget: int, task: str = "pretrain", num_classes: int = 0) -> None:
+def apply_memory_fit(cfg: Config, strategy: Any, budget: int, task: Any, num_classes: int | None = None) -> None:
     """``--fit-memory``: replace the run's checkpointing policy and gradient caching by the cheapest that fits.
 
-    ``task`` "finetune" / "probe" (``ssl3d finetune|probe``): the downstream step with ``num_classes`` outputs; the
-    trainers read the policy from ``strategy.ds_config``."""
+    ``task``: the run's ``ssl3d.tasks.Task`` (its step, with ``num_classes`` outputs where it has classes); the
+    trainer reads the policy from ``strategy.ds_config``."""
     from ssl3d.memory.plan import estimator_setting, fit_memory
     from ssl3d.memory.process import return_freed_memory
 
@@ -169,7 +174,7 @@ def apply_memory_fit(cfg: Config, strategy: Any, budget: int, task: str = "pretr
     step, sharding = estimator_setting(cfg, strategy.ds_config, strategy.world_size, task, num_classes)
     fit = fit_memory(budget, step, device=strategy.device.type, **sharding)
     strategy.ds_config = dataclasses.replace(strategy.ds_config, activation_checkpointing=fit.policy)
-    if task == "pretrain":
+    if task.supports_grad_cache:
         cfg.ssl.grad_cache_chunk = fit.grad_cache_chunk
     # The CPU estimate is live memory; glibc's defaults keep freed blocks and would peak well above it.
     returned = strategy.device.type == "cpu" and return_freed_memory()

@@ -1,17 +1,17 @@
 """One training step, shared by the trainer, the memory estimator's trace and the profiler.
 
-A step is: for each micro-batch, the task's forward and losses and the backward through a backend; then the
-backend's optimizer step. What is learnt (SSL pre-training today: ``ssl3d.ssl.task.SSLTask``; a supervised or
-frozen-probe task can plug in the same way) is the task's business; where gradients go (reduced, sharded, scaled)
-is the backend's: the run's ``Strategy`` in training, plain autograd (``LocalBackend``) in the estimator and the
-profiler. So the estimator traces the very code the trainer runs.
+A step is: for each micro-batch, the objective's forward and losses and the backward through a backend; then the
+backend's optimizer step. What is learnt (``ssl3d.ssl.task.SSLTask`` for pre-training, Dice + cross-entropy for
+fine-tuning and the probe; each task of ``ssl3d.tasks`` supplies its own) is the objective's business; where
+gradients go (reduced, sharded, scaled) is the backend's: the run's ``Strategy`` in training, plain autograd
+(``LocalBackend``) in the estimator and the profiler. So the estimator traces the very code the trainer runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -43,10 +43,10 @@ class StepSettings:
     two_passes: bool = False  # the reference's one forward per view (benchmarks)
     contrastive_dim: int = 512
     grad_cache_chunk: int = 0  # views per forward/backward with contrastive gradient caching; 0: off
-    # What is learnt: "pretrain" (the SSL model and task), "finetune" (SwinUNETR, Dice+CE on batch_size x num_samples
-    # labelled crops) or "probe" (frozen encoder + heads); num_classes (background included) only downstream.
-    task: str = "pretrain"
-    num_classes: int = 14
+    num_classes: int = 14  # the task's outputs, background included, where the task has classes
+    # What is learnt: a ``ssl3d.tasks.Task`` (``ssl3d.tasks.get_task(name)``). It builds the model, the step's
+    # objective and inputs; the memory tools ask it, never a task's name.
+    task: Any = field(kw_only=True)
 
 
 def identity(t: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
-"""The training loop. It talks only to a ``Strategy`` and never asks which backend runs it.
+"""The one training loop, for every task (pre-training, fine-tuning, probing). It talks only to a ``Strategy``,
+never asks which backend runs it, and asks its ``Task`` (``ssl3d.tasks``) for everything that differs between tasks.
 
-One optimizer step = ``grad_accum`` micro-batches; each micro-batch is ``batch_size`` volumes x ``num_samples``
-crops, turned into two rotated and corrupted views that go through ONE batched forward pass.
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` volumes x ``num_samples`` crops; the task's
+objective turns each into losses and gradients (pre-training: two corrupted, rotated views in ONE batched pass).
 """
 
 from __future__ import annotations
@@ -18,95 +19,79 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ssl3d.checkpoint import CheckpointManager, export_swinvit, load_init_weights
+from ssl3d.checkpoint import CheckpointManager
 from ssl3d.config import Config
-from ssl3d.data import build_loaders, resolve_data_config
 from ssl3d.data.faults import BAD, BadVolumeError
 from ssl3d.errors import Preempted, TrainingStopped, is_out_of_memory
 from ssl3d.fault_injection import Faults
-from ssl3d.logger import RunLogger, foreground_fraction
+from ssl3d.logger import RunLogger
 from ssl3d.memory import apply_activation_checkpointing
-from ssl3d.model import build_model
 from ssl3d.model.attention import apply_fused_attention
+from ssl3d.model.compile import compile_regions
 from ssl3d.optim import build_optimizer, lr_at
 from ssl3d.preemption import PreemptionFlag, StepBoundary
-from ssl3d.ssl import LossWeights, MaskingParams, SSLLoss, make_views
-from ssl3d.ssl.monitors import collapse_monitors
-from ssl3d.ssl.task import LOSS_KEYS, SSLTask
 from ssl3d.step import run_step
 from ssl3d.strategies import Strategy, read_checkpoint_weights
 from ssl3d.strategies.precision import StepResult
+from ssl3d.tasks import PretrainTask, Task
+from ssl3d.tasks.base import mean_losses
 
 MAX_LOADER_RESTARTS = 3
 
 
 @dataclass
 class LoopState:
-    """Everything besides model/optimizer that an exact resume needs."""
+    """Everything besides model, optimizer and the task's own state that an exact resume needs."""
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already consumed
-    best_val: float = math.inf
+    best: float | None = None  # the best validation value of the task's best_metric so far
+    best_step: int = 0
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # first/last losses for the summary
 
 
-def prepare_demo_data(cfg: Config, strategy: Strategy) -> None:
-    """No datalist configured: rank 0 writes the built-in synthetic CT volumes once, then all ranks use them."""
-    if cfg.data.datalists:
-        return
-    if strategy.is_main:
-        resolve_data_config(cfg)
-    strategy.barrier()
-    cfg.data = resolve_data_config(cfg)
-
-
-def generator_device(state: torch.Tensor, saved: str | None) -> str:
-    """The device type a random generator's saved state belongs to: the recorded one, else told by its size (a CUDA
-    generator's state is 16 bytes, a CPU one's 5056; checkpoints written before the type was recorded)."""
-    if saved:
-        return saved
-    return "cuda" if state.numel() == 16 else "cpu"
+def _loop_state(extra: dict[str, Any]) -> LoopState:
+    """The loop state saved in a checkpoint (also those written before the best value had one name)."""
+    known = {f.name: extra[f.name] for f in dataclasses.fields(LoopState) if f.name in extra}
+    if "best" not in known:
+        old = extra.get("best_val", extra.get("best_dice"))
+        known["best"] = None if old is None or old in (math.inf, -1.0) else float(old)
+    if isinstance(known.get("history"), str):  # checkpoints written before the loop state was saved as it is
+        known["history"] = json.loads(known["history"])
+    return LoopState(**known)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, strategy: Strategy, faults: Faults | None = None):
+    """``Trainer(cfg, strategy, task).fit()``: one run of ``task`` (pre-training when not given)."""
+
+    def __init__(self, cfg: Config, strategy: Strategy, task: Task | None = None, faults: Faults | None = None):
         self.cfg = cfg
         self.strategy = strategy
+        self.task = task = task if task is not None else PretrainTask()
         self.faults = faults if faults is not None else Faults.from_env()  # tests' planted faults; none in a run
         self.device = strategy.device
         self.logdir = Path(cfg.train.logdir)
-        prepare_demo_data(cfg, strategy)
+        task.prepare(cfg, strategy)
 
         # Same initial weights on every rank (sharded backends rely on it).
         torch.manual_seed(cfg.train.seed)
         policy = strategy.ds_config.activation_checkpointing if strategy.ds_config else None
         if not policy and cfg.model.use_checkpoint:
             policy = {"policy": "full"}
-        # MONAI's own flag stays off: checkpointing is applied from outside, one mechanism for every backend.
-        model = build_model(dataclasses.replace(cfg.model, use_checkpoint=False), cfg.ssl.contrastive_dim)
-        if cfg.model.init_weights:
-            missing = load_init_weights(model, Path(cfg.model.init_weights))
-            if strategy.is_main:
-                print(f"ssl3d: initialised from {cfg.model.init_weights} ({len(missing)} tensors left as built)")
+        model = task.run_model(cfg, strategy.is_main)
         # Memory tools, applied from outside the model before the strategy wraps it:
-        # fused attention -> activation checkpointing -> (strategy) wrap / shard -> optimizer.
+        # fused attention -> activation checkpointing -> regional compile -> (strategy) wrap / shard -> optimizer.
         if cfg.model.fused_attention:
             apply_fused_attention(model)
         if policy:
             apply_activation_checkpointing(model, policy)
+        if cfg.model.compile:
+            compile_regions(model)
         self.model, self.optimizer = strategy.setup(model, lambda params: build_optimizer(cfg.optim, params))
-        self.loss_fn = SSLLoss(
-            LossWeights(cfg.ssl.rotation_weight, cfg.ssl.contrastive_weight, cfg.ssl.reconstruction_weight),
-            temperature=cfg.ssl.temperature,
-        )
-        self.masking = MaskingParams(cfg.ssl.max_drop, cfg.ssl.min_block, cfg.ssl.max_block)
-        # Augmentation randomness: one stream per rank, on the model's device, saved in checkpoints.
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(cfg.train.seed * 1000 + strategy.rank + 1)
-        self.task = SSLTask(self.loss_fn, self.masking, self.generator, grad_cache_chunk=cfg.ssl.grad_cache_chunk)
+        self.objective = task.run_objective(cfg, self.device, strategy.rank)
 
         self.state = LoopState()
         self.checkpoints = CheckpointManager(
@@ -120,7 +105,7 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         s = self.state
-        self.train_loader, self.val_loader = build_loaders(cfg, strategy.rank, strategy.world_size, s.epoch, 0)
+        self.train_loader, self.val_loader = task.loaders(cfg, strategy.rank, strategy.world_size, s.epoch)
         if s.batch_in_epoch > self.train_loader.batches_per_epoch:
             # Only after a resume with another world size or batch size (_data_position): the volumes consumed
             # include the old partition's padding, more than this epoch holds: the epoch is done.
@@ -131,23 +116,19 @@ class Trainer:
         self.boundary = StepBoundary(strategy, self.preemption, cfg.train.checkpoint_every_minutes, self.save)
 
     # -- one step ------------------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, float], StepResult]:
+    def train_step(self, micro_batches: list[Any]) -> tuple[dict[str, float], StepResult]:
         """One optimizer step over ``grad_accum`` micro-batches; returns mean losses and what the strategy did."""
         lr = lr_at(self.cfg.optim, self.state.step, self.cfg.train.num_steps)
         self.strategy.set_lr(lr)
         per_micro, result = run_step(
             self.model,
-            self.task,
+            self.objective,
             micro_batches,
             self.strategy,
             max_grad_norm=self.cfg.train.grad_clip,
             loss_hook=self.faults.loss_hook(self.state.step + 1),
         )
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
-        for losses in per_micro:
-            for k in LOSS_KEYS:
-                sums[k] += float(losses[k]) / len(per_micro)
-        return {**sums, "lr": lr}, result
+        return {**mean_losses(per_micro, self.task.loss_keys), "lr": lr}, result
 
     # -- data ----------------------------------------------------------------------------------------------
     def _batches(self):
@@ -162,8 +143,8 @@ class Trainer:
                 for batch in self.train_loader:
                     self.state.batch_in_epoch += 1
                     restarts = 0
-                    self._note_bad_volumes(batch)
-                    yield batch["image"].to(self.device, non_blocking=True)
+                    self.note_bad_volumes(batch)
+                    yield self.task.train_batch(batch, self.device)
             except BadVolumeError:
                 raise
             except RuntimeError as exc:
@@ -176,74 +157,30 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
-    def _note_bad_volumes(self, batch: dict[str, Any]) -> None:
-        for line in batch.get(BAD, []):
+    def note_bad_volumes(self, batch: dict[str, Any]) -> None:
+        """Count the unusable volumes a batch stands in for (named once, counted over the run)."""
+        lines = batch.get(BAD, [])
+        for line in [lines] if isinstance(lines, str) else lines:
             if line:
                 if line not in self.bad_volumes:
                     warnings.warn(f"skipping unusable volume {line}")
                 self.bad_volumes[line] = self.bad_volumes.get(line, 0) + 1
 
     # -- validation ----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean losses over the whole validation list, spread over all ranks; the same corruption every time."""
+        """The task's validation metrics, every rank its share; the model is back in training mode after."""
         self.model.eval()
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.cfg.train.seed + 7919 * (self.strategy.rank + 1))
-        totals = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=self.device)
-        masked = torch.zeros(2, dtype=torch.float64, device=self.device)  # L1 sum and count on corrupted voxels
-        embeddings: list[torch.Tensor] = []  # collapse monitors (this rank's validation crops)
-        first, best_content = None, 0.0
-        for i, batch in enumerate(self.val_loader):
-            if self.cfg.train.max_val_batches is not None and i >= self.cfg.train.max_val_batches:
-                break
-            x = batch["image"].to(self.device)
-            self._note_bad_volumes(batch)
-            # Every rank runs the same number of batches (sharded backends need it); crops of volumes repeated
-            # to even out the ranks are marked invalid and left out of the mean.
-            valid = batch.get("valid", torch.ones(x.shape[0], dtype=torch.bool)).to(self.device)
-            views = make_views(x, gen, self.masking)
-            with self.strategy.autocast():
-                out = self.model(views.corrupted)
-            n = int(valid.sum())
-            if n:
-                keep = torch.cat([valid, valid])  # both views
-                losses = self.loss_fn(
-                    out.rotation[keep].float(),
-                    views.rot_labels[keep],
-                    out.contrastive[keep].float(),
-                    out.reconstruction[keep].float(),
-                    views.views[keep],
-                )
-                row = [float(losses[k]) * n for k in LOSS_KEYS] + [n]
-                totals += torch.tensor(row, device=self.device, dtype=torch.float64)
-                changed = views.corrupted[keep] != views.views[keep]
-                err = (out.reconstruction[keep].float() - views.views[keep].float()).abs()
-                masked += torch.stack([(err * changed).sum(), changed.sum()]).to(torch.float64)
-                embeddings.append(out.contrastive[keep].float())
-                # The image shows the crop with the most content (the first one is often air at a body's edge).
-                for j in valid.nonzero().flatten().tolist():
-                    content = foreground_fraction(views.views[j])
-                    if first is None or content > best_content:
-                        best_content = content
-                        first = (views.views[j].cpu(), views.corrupted[j].cpu(), out.reconstruction[j].float().cpu())
-        self.strategy.all_reduce_sum(totals)
-        self.strategy.all_reduce_sum(masked)
-        self.model.train()
-        count = max(float(totals[-1]), 1.0)
-        result = {k: float(totals[i]) / count for i, k in enumerate(LOSS_KEYS)}
-        self.monitors = collapse_monitors(embeddings, masked)
-        self.log.scalars(self.monitors, self.state.step)
-        if first is not None:
-            self.log.images("Validation", *first, step=self.state.step)
-        return result
+        try:
+            return self.task.validate(self)
+        finally:
+            self.model.train()
 
     # -- state ---------------------------------------------------------------------------------------------
     def _extra(self) -> dict[str, Any]:
         extra = {
             **dataclasses.asdict(self.state),
-            "generator": self.generator.get_state(),
-            "generator_device": self.device.type,
+            **self.task.state_dict(),
+            "task": self.task.name,
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
             "strategy": self.strategy.name,
@@ -260,6 +197,11 @@ class Trainer:
         Switching backend (or what the backend cannot reshard, ``Strategy.resume_problem``) restarts the optimizer
         from the consolidated weights, with a warning; the step, data position and random streams carry over."""
         saved = self.strategy.load_extra(directory)
+        if saved.get("task", self.task.name) != self.task.name:
+            raise TrainingStopped(
+                f"{directory} is a {saved.get('task')} checkpoint and this run is {self.task.name}; resume a "
+                f"{self.task.name} run, or start one from its weights (finetune.init or model.init_weights)"
+            )
         same_backend = saved.get("strategy", self.strategy.name) == self.strategy.name
         saved_world = int(saved.get("world_size", self.strategy.world_size))
         if same_backend:
@@ -278,23 +220,10 @@ class Trainer:
                 )
             self.strategy.load_model_weights(read_checkpoint_weights(directory))
             extra = saved
-        self.state = s = LoopState(**{f.name: extra[f.name] for f in dataclasses.fields(LoopState) if f.name in extra})
-        if isinstance(s.history, str):  # checkpoints written before the loop state was saved as it is
-            s.history = json.loads(s.history)
+        self.state = s = _loop_state(extra)
         s.batch_in_epoch = self._data_position(extra, saved_world)
-        saved_device = generator_device(extra["generator"], extra.get("generator_device"))
-        if saved_world == self.strategy.world_size and saved_device == self.device.type:
-            self.generator.set_state(extra["generator"])
-        else:
-            # Ranks without a saved stream of their own get a fresh one each, not copies of rank 0's; a stream saved
-            # on another device type (a CPU run resumed on a GPU, or back) cannot be loaded: CUDA's generator keeps
-            # 16 bytes, the CPU's 5056.
-            self.generator.manual_seed(self.cfg.train.seed * 1000 + self.strategy.rank + 1 + 7919 * s.step)
-            if saved_device != self.device.type and self.strategy.is_main:
-                print(
-                    f"ssl3d: the augmentation stream was saved on the {saved_device}, this run is on the "
-                    f"{self.device.type}: re-seeded it (augmentations from here on differ from an uninterrupted run)"
-                )
+        same_layout = saved_world == self.strategy.world_size
+        self.task.load_state_dict(extra, same_layout=same_layout, step=s.step, is_main=self.strategy.is_main)
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
@@ -327,7 +256,7 @@ class Trainer:
         from ssl3d.memory.plan import out_of_memory_help
 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        advice = out_of_memory_help(self.cfg, self.strategy)
+        advice = out_of_memory_help(self.cfg, self.strategy, self.task)
         return f"step {self.state.step + 1}: out of memory ({first}); {advice}; {self._last_checkpoint_text()}"
 
     def save(self) -> Path:
@@ -340,11 +269,12 @@ class Trainer:
             self.logdir.mkdir(parents=True, exist_ok=True)
             (self.logdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         batches = self._batches()
-        volumes_per_step = cfg.train.batch_size * cfg.data.num_samples * 2 * cfg.train.grad_accum * strategy.world_size
+        crops = cfg.train.batch_size * cfg.data.num_samples * cfg.train.grad_accum * strategy.world_size
+        volumes_per_step = crops * self.task.views_per_crop
         bar = tqdm(
             total=cfg.train.num_steps,
             initial=s.step,
-            desc="pre-training",
+            desc=self.task.title,
             unit="step",
             disable=not (strategy.is_main and cfg.train.progress),
             dynamic_ncols=True,
@@ -393,10 +323,11 @@ class Trainer:
                         f"{self._last_checkpoint_text()}; lower optim.lr or set train.grad_clip, then resume with "
                         "--resume auto"
                     )
-            record = {"step": s.step, **{k: losses[k] for k in LOSS_KEYS}}
+            keys = self.task.loss_keys
+            record = {"step": s.step, **{k: losses[k] for k in keys}}
             s.history = (s.history[:1] + [record])[-2:] if s.history else [record]
             if s.step % cfg.train.log_every == 0 or s.step == cfg.train.num_steps:
-                scalars = {f"train/loss_{k}": losses[k] for k in LOSS_KEYS}
+                scalars = {f"train/loss_{k}": losses[k] for k in keys}
                 scalars |= {"train/lr": losses["lr"], "train/grad_norm": norm, "perf/step_time_s": dt}
                 scalars["train/skipped_steps"] = s.skipped_steps
                 scalars |= result.scalars
@@ -408,13 +339,17 @@ class Trainer:
             saved = False
             if s.step % cfg.train.eval_num == 0 or s.step == cfg.train.num_steps:
                 last_val = self.validate()
-                self.log.scalars({f"Validation/loss_{k}": v for k, v in last_val.items()}, s.step)
-                improved = last_val["reconstruction"] < s.best_val
-                s.best_val = min(s.best_val, last_val["reconstruction"])
+                self.log.scalars(self.task.validation_scalars(last_val), s.step)
+                value = last_val[self.task.best_metric]
+                better = (lambda a, b: a > b) if self.task.higher_is_better else (lambda a, b: a < b)
+                improved = math.isfinite(value) and (s.best is None or better(value, s.best))
+                if improved:
+                    s.best, s.best_step = value, s.step
                 self.save()
                 saved = True
                 if improved:
                     self.checkpoints.save_best(self._extra())
+                    self.task.on_best(self)
                 self.log.flush()
             if self.boundary(s.step, saved) and s.step < cfg.train.num_steps:  # (done anyway at the last step)
                 bar.close()
@@ -427,24 +362,16 @@ class Trainer:
         return self.finish(last_val)
 
     def finish(self, last_val: dict[str, float]) -> dict[str, Any]:
-        """Export the encoder for fine-tuning and write a summary next to the logs."""
-        weights = self.strategy.full_state_dict()
+        """The task's files (e.g. the encoder for fine-tuning, the final network) and a summary next to the logs."""
+        weights = self.strategy.full_state_dict()  # collective
         bad = self.strategy.sum_counts(self.bad_volumes)
         summary: dict[str, Any] = {}
         if self.strategy.is_main:
-            export_path = export_swinvit(weights, self.logdir / "model_swinvit.pt", self.cfg, self.state.step)
-            hist = self.state.history
-            summary = {
-                "steps": self.state.step,
-                "first": hist[0] if hist else None,
-                "last": hist[-1] if hist else None,
-                "validation": last_val,
-                "best_val_reconstruction": self.state.best_val,
+            summary = self.task.finish(self, weights, last_val)
+            summary |= {
                 "skipped_steps": self.state.skipped_steps,
                 "bad_volumes": bad,
-                "export": str(export_path),
                 "memory": self.strategy.memory_report(),
-                "collapse_monitors": getattr(self, "monitors", {}),
             }
             (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log.close()

@@ -69,7 +69,8 @@ def read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A 3D NRRD volume and its RAS affine (pynrrd reads the data, ``nrrd_affine`` the space).
 
     Not MONAI's ``NrrdReader``: it gives the same array and affine for LPS and RAS files, but reads a
-    ``left-anterior-superior`` file as RAS (x not negated, checked with MONAI 1.6.1), a silent left-right flip."""
+    ``left-anterior-superior`` file as RAS (x not negated, checked with the MONAI version in constraints.txt), a
+    silent left-right flip."""
     try:
         import nrrd
     except ImportError as exc:  # pragma: no cover - depends on the environment

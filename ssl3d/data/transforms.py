@@ -27,43 +27,49 @@ from ssl3d.data.faults import CheckVolumed, GuardedLoad
 KEY = "image"
 
 
-def build_load_transforms(cfg: DataConfig) -> Compose:
-    """Deterministic part: the output is what a cache holds, always at least ``roi`` along every axis."""
+def build_load_transforms(cfg: DataConfig, label: str | None = None, grow_to_roi: bool = True) -> Compose:
+    """Deterministic part: the output is what a cache holds, always at least ``roi`` along every axis.
+
+    One chain for pre-training and fine-tuning: with ``label`` (a labelled datalist's key) the label map follows
+    every spatial step (resampled nearest-neighbour) and is never rescaled. ``grow_to_roi``: the body's box grows to
+    a multiple of the ROI (the reference's pre-training chain; its fine-tuning chain crops to the body only)."""
     roi = list(cfg.roi)
+    keys = [KEY] if label is None else [KEY, label]
     chain: list = [
-        LoadImaged(keys=KEY, reader="NibabelReader", ensure_channel_first=True, image_only=True),
+        LoadImaged(keys=keys, reader="NibabelReader", ensure_channel_first=True, image_only=True),
         CheckVolumed(keys=KEY, min_size=cfg.min_size),  # 2D, constant, tiny: bad before padding hides it
-        Orientationd(keys=KEY, axcodes="RAS", labels=None),  # labels from the image's space: RAS with nibabel
+        Orientationd(keys=keys, axcodes="RAS", labels=None),  # labels from the image's space: RAS with nibabel
     ]
     if cfg.spacing is not None:
-        chain.append(Spacingd(keys=KEY, pixdim=tuple(cfg.spacing), mode="bilinear", dtype=np.float32))
+        mode = "bilinear" if label is None else ("bilinear", "nearest")
+        chain.append(Spacingd(keys=keys, pixdim=tuple(cfg.spacing), mode=mode, dtype=np.float32))
     chain += [
         ScaleIntensityRanged(keys=KEY, a_min=cfg.a_min, a_max=cfg.a_max, b_min=cfg.b_min, b_max=cfg.b_max, clip=True),
-        SpatialPadd(keys=KEY, spatial_size=roi),
-        # Crop to the body (anything above a_min HU), grown to a multiple of the ROI. The threshold sits a hair
-        # above b_min: resampling leaves ~1e-7 ripples in air that the reference's "> 0" counts as body.
+        SpatialPadd(keys=keys, spatial_size=roi),
+        # Crop to the body (anything above a_min HU). The threshold sits a hair above b_min: resampling leaves
+        # ~1e-7 ripples in air that the reference's "> 0" counts as body.
         CropForegroundd(
-            keys=KEY,
+            keys=keys,
             source_key=KEY,
             select_fn=_above(min(cfg.b_min, cfg.b_max) + 1e-3 * abs(cfg.b_max - cfg.b_min)),
-            k_divisible=roi,
+            k_divisible=roi if grow_to_roi else 1,
             allow_smaller=True,
             start_coord_key=None,
             end_coord_key=None,
         ),
         # The foreground box may be clipped by the image edge (allow_smaller) or empty (an all-air scan):
         # pad again so a fixed-size random crop always fits. MONAI would silently return smaller crops.
-        SpatialPadd(keys=KEY, spatial_size=roi),
+        SpatialPadd(keys=keys, spatial_size=roi),
         # Plain float32 tensors: caches stay small and crops need no metadata from here on.
-        EnsureTyped(keys=KEY, data_type="tensor", dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32, track_meta=False),
     ]
     return Compose(chain)
 
 
-def build_guarded_load(cfg: DataConfig) -> GuardedLoad:
+def build_guarded_load(cfg: DataConfig, label: str | None = None, grow_to_roi: bool = True) -> GuardedLoad:
     """The deterministic chain, with a file that fails anywhere in it turned into an item marked "bad"
     (the dataset then applies ``data.on_bad_volume``)."""
-    return GuardedLoad(build_load_transforms(cfg))
+    return GuardedLoad(build_load_transforms(cfg, label, grow_to_roi))
 
 
 def build_crop_transforms(cfg: DataConfig) -> Compose:

@@ -18,15 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.checkpoint import read_weights, resolve_resume, to_swinvit_format
+from ssl3d.checkpoint import load_weights_file, read_weights, resolve_resume, to_swinvit_format
 from ssl3d.config import ConfigError, ModelConfig
 from ssl3d.metadata import ARCH_KEYS, read_metadata, verify_tensors
-from ssl3d.model.segmentation import ProbeModel, build_downstream_model, build_segmentation_model
+from ssl3d.model.segmentation import ProbeModel, build_segmentation_model
 
 __all__ = [
     "InitSource",
     "ProbeModel",
-    "build_downstream_model",
     "build_segmentation_model",
     "load_encoder",
     "read_init",
@@ -42,6 +41,10 @@ class InitSource:
     path: Path  # the file or checkpoint folder read
     encoder: dict[str, torch.Tensor]  # SwinTransformer state-dict names (as model.swinViT.state_dict())
     metadata: dict[str, Any] | None  # model_swinvit.json, when there is one
+
+    def load_into(self, model: nn.Module) -> int:
+        """``load_encoder(model, self)``: the segmentation task initialises its network through this."""
+        return load_encoder(model, self)
 
 
 def resolve_init(init: str) -> Path:
@@ -62,7 +65,7 @@ def read_init(init: str) -> InitSource:
     path = resolve_init(init)
     meta = read_metadata(path) if path.is_file() else None
     if meta is not None:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_weights_file(path)
         verify_tensors(path, meta, raw.get("state_dict", {}))
     state = read_weights(path)
     encoder = {k[len("swinViT.") :]: v for k, v in state.items() if k.startswith("swinViT.")}

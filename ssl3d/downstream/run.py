@@ -107,9 +107,10 @@ def prepare_run(cfg: Config, explicit: set[str]) -> tuple[Config, Any, Any, list
 
 
 def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[str, Any]:
-    from ssl3d.downstream.trainer import SegmentationTrainer
     from ssl3d.run_config import apply_memory_fit, check_run_inputs, parse_bytes
     from ssl3d.strategies import strategy_from_ds_config
+    from ssl3d.tasks import SegmentationTask
+    from ssl3d.trainer import Trainer
 
     budget = parse_bytes(fit_memory, "--fit-memory") if fit_memory else None
     cfg, source, data, notes = prepare_run(cfg, explicit)
@@ -123,10 +124,11 @@ def _run_one(cfg: Config, explicit: set[str], fit_memory: str | None) -> dict[st
             f"ssl3d: {cfg.finetune.task}: {len(data.training)} of {data.available} labelled training volumes, "
             f"{len(data.validation)} for validation, {data.num_classes} classes; encoder from {what}"
         )
+    task = SegmentationTask(cfg.finetune.task, data, source)
     if budget is not None:
         # The same planner as pre-training, on this run's SwinUNETR / probe step (the trainer reads the policy).
-        apply_memory_fit(cfg, strategy, budget, cfg.finetune.task, data.num_classes)
-    trainer = SegmentationTrainer(cfg, strategy, data, source)
+        apply_memory_fit(cfg, strategy, budget, task, data.num_classes)
+    trainer = Trainer(cfg, strategy, task)
     summary = trainer.fit()
     # A comparison trains several networks in this process: the finished one's engine and its device memory go.
     del trainer, strategy

@@ -56,10 +56,8 @@ from ssl3d.memory.activation_checkpointing import (
 )
 from ssl3d.memory.cuda_autocast import cuda_autocast_rules
 from ssl3d.memory.process import ALLOCATOR_NOTE, process_baseline_bytes
-from ssl3d.model.meta import meta_model, model_key
+from ssl3d.model.meta import meta_model, model_from_key, model_key
 from ssl3d.optim import build_optimizer
-from ssl3d.ssl import SSLLoss, SSLViews
-from ssl3d.ssl.task import SSLTask
 from ssl3d.step import DTYPES, LocalBackend, StepSettings, no_phase, run_step
 
 __all__ = [
@@ -69,7 +67,6 @@ __all__ = [
     "CUDNN_WORKSPACE",
     "NCCL_BUFFERS",
     "STRATEGIES",
-    "TASKS",
     "MemoryEstimate",
     "StepTrace",
     "StorageTracker",
@@ -117,8 +114,8 @@ CUDNN_WORKSPACE = 256 * MIB
 # nccl-tests keeps 1 GB per GPU aside for NCCL and CUDA on HGX/DGX nodes (NVIDIA/nccl-tests#198); one communicator
 # after an all-reduce held about 1.6 GB, context included (NVIDIA/nccl#864). NVLS on H100 can take more.
 NCCL_BUFFERS = GIB
-# A first CPU training step leaves ~100 MB of resident memory that is no tensor: oneDNN's JIT kernels and primitive
-# cache, per-thread scratch, allocator arenas (measured: 99-108 MB over the tensor peak for the tiny model).
+# A first CPU training step leaves resident memory that is no tensor: oneDNN's JIT kernels and primitive cache,
+# per-thread scratch, allocator arenas (measured over the tensor peak for the tiny model: docs/memory.md).
 DEFAULT_CPU_RUNTIME = 96 * MIB
 DEFAULT_FRAGMENTATION = 0.10
 DEEPSPEED_PERSISTENCE = 100_000  # elements; stage3_param_persistence_threshold default
@@ -285,62 +282,27 @@ def normalize_roi(roi: int | Sequence[int]) -> tuple[int, int, int]:
     return r  # type: ignore[return-value]
 
 
-TASKS = ("pretrain", "finetune", "probe")
-
-
-def make_step_inputs(
-    roi: tuple[int, int, int],
-    batch_size: int,
-    num_samples: int,
-    device: torch.device | str = "cpu",
-    task: str = "pretrain",
-    channels: int = 1,
-) -> dict[str, Tensor]:
-    """What the trainer holds during a step. Pre-training: the crops [N], both views [2N], their corrupted copies
-    [2N], rotation labels. Fine-tuning / probe: N labelled crops, image [N, channels, *roi] and label [N, 1, *roi],
-    both float32 as the labelled loader's ``EnsureTyped`` leaves them (N = volumes x crops per volume);
-    ``channels``: the model's input channels (``model.in_channels``, e.g. 4 MRI sequences)."""
-    n = batch_size * num_samples
-    shape = (channels, *roi)
-    if task != "pretrain":
-        label = torch.zeros(n, 1, *roi, device=device)
-        return {"image": torch.zeros(n, *shape, device=device), "label": label}
-    return {
-        "crops": torch.zeros(n, *shape, device=device),
-        "views": torch.zeros(2 * n, *shape, device=device),
-        "corrupted": torch.zeros(2 * n, *shape, device=device),
-        "rot_labels": torch.zeros(2 * n, dtype=torch.long, device=device),
-    }
+def make_step_inputs(step: StepSettings, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """What the trainer holds during a step (the task says what: e.g. pre-training's crops, both views, their
+    corrupted copies and rotation labels; fine-tuning's labelled crops)."""
+    return step.task.step_inputs(step, device)
 
 
 def training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     inputs: dict[str, Tensor],
-    loss_fn: nn.Module | None,
+    step: StepSettings,
     *,
     autocast_dtype: torch.dtype | None = None,
-    two_passes: bool = False,
-    grad_cache_chunk: int = 0,
     phase: Callable[[str], None] = no_phase,
 ) -> Tensor:
-    """The trainer's step (``ssl3d.step.run_step`` with the SSL task) on ready-made inputs, on one process with plain
-    autograd: forward (one batched pass over both views, or the reference's one pass per view), losses, backward,
-    optimizer step. ``grad_cache_chunk``: contrastive gradient caching, that many views per forward/backward.
-    Inputs with an ``"image"`` (``make_step_inputs`` for fine-tuning / probe) run the fine-tuning's
-    ``SegmentationTask`` (Dice+CE, default weights) instead; ``loss_fn`` is then unused."""
-    from ssl3d.downstream.task import SegmentationTask
-
-    batch: Any
-    if "image" in inputs:
-        task: Any = SegmentationTask()
-        batch = {"image": inputs["image"], "label": inputs["label"]}
-    else:
-        batch = SSLViews(inputs["views"], inputs["corrupted"], inputs["rot_labels"])
-        task = SSLTask(loss_fn, grad_cache_chunk=grad_cache_chunk, two_passes=two_passes)
+    """The trainer's step (``ssl3d.step.run_step`` with the task's objective) on ready-made inputs
+    (``make_step_inputs``), on one process with plain autograd: forward, losses, backward, optimizer step."""
     device_type = next(iter(inputs.values())).device.type
     backend = LocalBackend(optimizer, autocast_dtype, device_type)
-    losses, _ = run_step(model, task, [batch], backend, phase=phase)
+    objective = step.task.objective(step)
+    losses, _ = run_step(model, objective, [step.task.batch_from_inputs(inputs)], backend, phase=phase)
     return losses[0]["total"]
 
 
@@ -432,8 +394,8 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
         params = [p for p in model.parameters() if p.requires_grad]
         # foreach (multi-tensor) AdamW is the CUDA default and the larger one in temporaries.
         optimizer = build_optimizer(OptimConfig(), params, foreach=cuda)
-        channels = json.loads(key).get("in_channels", 1)  # the model config is in the key
-        inputs = make_step_inputs(step.roi, step.batch_size, step.num_samples, "cpu", step.task, channels)
+        step = dataclasses.replace(step, model=model_from_key(key))  # the cached step came without its model
+        inputs = make_step_inputs(step, "cpu")
         with simulate_offload(tracker.host) if cuda else contextlib.nullcontext():
             # Steady state: the optimizer's states exist before the measured step (one step on zero gradients
             # creates them at a fraction of the cost of a traced training step).
@@ -445,14 +407,7 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
             with tracker, _RealIndexTensors(), rules:
                 tracker.mark()
                 training_step(
-                    model,
-                    optimizer,
-                    inputs,
-                    SSLLoss() if step.task == "pretrain" else None,
-                    autocast_dtype=DTYPES[step.precision],
-                    two_passes=step.two_passes,
-                    grad_cache_chunk=step.grad_cache_chunk,
-                    phase=tracker.set_phase,
+                    model, optimizer, inputs, step, autocast_dtype=DTYPES[step.precision], phase=tracker.set_phase
                 )
                 tracker.mark()
             tracker.remove_hooks()
@@ -472,29 +427,25 @@ def step_settings(
     two_passes: bool = False,
     contrastive_dim: int = 512,
     grad_cache_chunk: int = 0,
-    task: str = "pretrain",
     num_classes: int = 14,
+    *,
+    task: Any = None,
 ) -> StepSettings:
     """Checked ``StepSettings`` (ROI and policy normalised); ``model`` may already be settings (then the rest is
-    ignored). Raises ``ConfigError`` naming what is wrong."""
+    ignored); ``task``: a ``ssl3d.tasks.Task``. Raises ``ConfigError`` naming what is wrong."""
     if not isinstance(model, StepSettings):
         if roi is None:
             raise ConfigError("roi: missing; give the crop size, e.g. 96")
+        if task is None:
+            raise ConfigError("task: missing; give the task whose step is estimated (ssl3d.tasks.get_task)")
         model = StepSettings(
             model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
-            grad_cache_chunk, task, num_classes,
+            grad_cache_chunk, num_classes, task=task,
         )  # fmt: skip
     s = model
-    if s.task not in TASKS:
-        raise ConfigError(f'task: got "{s.task}", expected pretrain, finetune or probe')
-    if s.task != "pretrain":
-        if int(s.num_classes) < 2:
-            raise ConfigError(f"num_classes: got {s.num_classes}, expected at least 2 (background included)")
-        if s.grad_cache_chunk or s.two_passes:
-            raise ConfigError(
-                f"grad_cache_chunk/two_passes: got {s.grad_cache_chunk}/{s.two_passes} for task {s.task}; "
-                "they are pre-training settings (expected 0/False)"
-            )
+    problem = s.task.check_settings(s)
+    if problem:
+        raise ConfigError(problem)
     if s.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f'precision: got "{s.precision}", expected fp32, bf16 or fp16')
     if s.batch_size < 1 or s.num_samples < 1:
@@ -576,7 +527,7 @@ def _rank_bytes(
     """Per-event device bytes of one rank under ``strategy``; returns columns and notes on what was assumed.
 
     - ddp: full parameters, gradients and optimizer states; the gradients are DDP's buckets, kept between steps;
-    - zero1, zero2: gradients and optimizer states / N (DeepSpeed 0.19 partitions gradients at stage 1 too), plus
+    - zero1, zero2: gradients and optimizer states / N (the pinned DeepSpeed partitions gradients at stage 1 too), plus
       the contiguous gradient bucket of ``reduce_bucket_size`` elements (two with ``overlap_comm``) in backward
       and step; every DeepSpeed stage keeps an fp32 master copy of its partition, in fp32 runs too;
     - zero3: everything / N, parameters under 1e5 elements kept whole, two gathered modules (current + prefetch),
@@ -618,7 +569,7 @@ def _rank_bytes(
             # Same shapes (and allocator rounding) as the trained parameters (the probe's frozen encoder has none).
             grads = np.maximum(grads, params * (units.get("trainable", units["total"]) / max(units["total"], 1)))
     elif strategy in ("zero1", "zero2"):
-        # DeepSpeed 0.19's stage 1 also reduces gradients into this rank's partition (measured: as stage 2).
+        # The pinned DeepSpeed's stage 1 also reduces gradients into this rank's partition (measured: as stage 2).
         opt = opt / n
         grads = grads / n
         elem = 2 if low else 4
@@ -772,8 +723,9 @@ def estimate_memory(
         "device": device,
         "two_passes": step.two_passes,
         "grad_cache_chunk": step.grad_cache_chunk,
-        "task": step.task,
-        "num_classes": step.num_classes if step.task != "pretrain" else None,
+        "task": step.task.name,
+        "task_label": step.task.describe(step.num_classes),
+        "num_classes": step.num_classes if step.task.needs_classes else None,
         "parameters_count": trace.units["total"],
         "trainable_count": trace.units["trainable"],
         "trace_seconds": round(trace.seconds, 2),
@@ -807,7 +759,7 @@ def format_estimate(est: MemoryEstimate) -> str:
     """A two-column table in GiB for the terminal."""
     c = est.config
     roi = "x".join(str(r) for r in c["roi"])
-    task = f"{c['task']} ({c['num_classes']} classes)  " if c.get("task", "pretrain") != "pretrain" else ""
+    task = c["task_label"].rstrip(", ") + "  " if c.get("task_label") else ""
     head = (
         f"{task}{c['strategy']} x{c['world_size']}  roi {roi}  batch {c['batch_size']}x{c['num_samples']}  "
         f"{c['precision']}  checkpointing {c['policy']}  fused attention {'on' if c['fused_attention'] else 'off'}  "

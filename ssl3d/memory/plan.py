@@ -64,7 +64,7 @@ def task_ladder(ladder: Sequence[tuple[str, dict[str, Any]]], step: StepSettings
     from ssl3d.memory.activation_checkpointing import apply_activation_checkpointing, checkpointed_modules
     from ssl3d.model.meta import meta_model, model_key
 
-    if step.task == "probe":
+    if step.task.frozen_encoder:
         return list(ladder[:1])
     model = copy.deepcopy(meta_model(model_key(step.model), step.contrastive_dim, step.task, step.num_classes))
     seen, out = set(), []
@@ -108,12 +108,14 @@ def plan_memory(
     offload_optimizer: bool = False,
     plot_path: str | Path | None = None,
     plot_rois: Sequence[int] | None = None,
+    task: Any = None,
 ) -> dict[str, Any]:
     """For each strategy and world size: largest cubic ROI and largest batch (at ``roi``) under each of
     ``limit_policies`` (ladder names), and the cheapest ladder policy that makes ``roi`` x ``batch_size`` fit.
 
     ``budget_bytes`` is the device memory per rank (the estimate's ``total``: allocator and CUDA context
-    included for ``device="cuda"``). Returns a JSON-ready dict; ``format_plan`` prints it.
+    included for ``device="cuda"``). ``model``: ``StepSettings``, or a model config with ``task`` (a
+    ``ssl3d.tasks.Task``). Returns a JSON-ready dict; ``format_plan`` prints it.
     """
     if budget_bytes <= 0:
         raise ConfigError(f"budget: got {budget_bytes} bytes, expected a positive size")
@@ -134,7 +136,9 @@ def plan_memory(
         model, roi, batch_size, num_samples = step.model, step.roi, step.batch_size, step.num_samples
         precision, fused_attention = step.precision, step.fused_attention
     else:
-        step = StepSettings(model, roi or 64, batch_size, num_samples, precision, None, fused_attention)
+        if task is None:
+            raise ConfigError("task: missing; give the task whose step is planned (ssl3d.tasks.get_task)")
+        step = StepSettings(model, roi or 64, batch_size, num_samples, precision, None, fused_attention, task=task)
     roi3 = normalize_roi(roi) if roi is not None else None
     rois = [r for r in range(64, max_roi + 1, 32)]
 
@@ -176,8 +180,9 @@ def plan_memory(
         "precision": precision,
         "fused_attention": fused_attention,
         "device": device,
-        "task": step.task,
-        "num_classes": step.num_classes if step.task != "pretrain" else None,
+        "task": step.task.name,
+        "task_label": step.task.describe(step.num_classes),
+        "num_classes": step.num_classes if step.task.needs_classes else None,
         "ladder": names,
         "rows": rows,
     }
@@ -248,12 +253,12 @@ class MemoryFit:
 
 
 def estimator_setting(
-    cfg: Any, ds: Any, world_size: int, task: str = "pretrain", num_classes: int = 0
+    cfg: Any, ds: Any, world_size: int, task: Any, num_classes: int | None = None
 ) -> tuple[StepSettings, dict[str, Any]]:
     """A run config and its resolved preset as the estimator's arguments: the step's settings, and how ranks share
-    it (strategy, world size, offload, bucket size). ``task`` "finetune" / "probe": the downstream trainer's step
-    (``num_classes`` outputs), with the same checkpointing policy rule."""
-    downstream = task != "pretrain"
+    it (strategy, world size, offload, bucket size). ``task``: the run's ``ssl3d.tasks.Task``; ``num_classes``: its
+    outputs (default: the task's own), with the same checkpointing policy rule for every task."""
+    classes = num_classes if num_classes is not None else task.num_classes
     strategy = {"deepspeed": f"zero{ds.zero_stage}" if ds.zero_stage else "ddp", "fairscale": "zero1"}.get(
         ds.strategy, ds.strategy
     )
@@ -266,9 +271,9 @@ def estimator_setting(
         policy=ds.activation_checkpointing or ({"policy": "full"} if cfg.model.use_checkpoint else None),
         fused_attention=cfg.model.fused_attention,
         contrastive_dim=cfg.ssl.contrastive_dim,
-        grad_cache_chunk=0 if downstream else cfg.ssl.grad_cache_chunk,
+        grad_cache_chunk=cfg.ssl.grad_cache_chunk if task.supports_grad_cache else 0,
+        num_classes=classes if task.needs_classes else StepSettings.num_classes,
         task=task,
-        num_classes=num_classes if downstream else StepSettings.num_classes,
     )
     zero = (ds.deepspeed or {}).get("zero_optimization", {})
     sharding = {
@@ -281,7 +286,7 @@ def estimator_setting(
     return step, sharding
 
 
-def out_of_memory_help(cfg: Any, strategy: Any) -> str:
+def out_of_memory_help(cfg: Any, strategy: Any, task: Any) -> str:
     """For an out-of-memory stop: the measured peak, the estimate for this run, and the planner's suggestion.
 
     Never raises: whatever cannot be worked out is left out of the message rather than hiding the real error."""
@@ -301,7 +306,7 @@ def out_of_memory_help(cfg: Any, strategy: Any) -> str:
             rss = strategy.memory_report().get("host_rss_peak_gib")
             if rss is not None:
                 parts.append(f"measured peak RSS {rss:.2f} GiB of {capacity / GIB:.2f} GiB host memory")
-        setting = estimator_setting(cfg, strategy.ds_config, strategy.world_size) if strategy.ds_config else None
+        setting = estimator_setting(cfg, strategy.ds_config, strategy.world_size, task) if strategy.ds_config else None
     except Exception:  # noqa: BLE001 - advice only
         setting = None
     if setting is not None:
@@ -361,7 +366,7 @@ def fit_memory(
     rows = 2 * batch_size * num_samples  # views per micro-batch
     chunks = [0]
     c = rows // 2
-    while c >= 1 and setting.task == "pretrain":  # gradient caching is the contrastive loss's
+    while c >= 1 and setting.task.supports_grad_cache:  # gradient caching is the contrastive loss's
         chunks.append(c)
         c //= 2
     ladder = task_ladder(ladder, setting)
@@ -422,8 +427,7 @@ def _largest_batch(fits, max_batch: int) -> int | None:  # type: ignore[no-untyp
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as a fixed-width table."""
     roi = "x".join(str(r) for r in plan["roi"]) if plan["roi"] else "-"
-    task = plan.get("task", "pretrain")
-    what = f"{task} ({plan['num_classes']} classes), " if task != "pretrain" else ""
+    what = plan.get("task_label", "")
     lines = [
         f"{what}budget {plan['budget_bytes'] / GIB:.1f} GiB per rank, {plan['precision']}, "
         f"crops x{plan['num_samples']}, "
@@ -475,7 +479,7 @@ def plot_memory_vs_roi(
     ladder: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_LADDER,
     budget_bytes: int | None = None,
     *,
-    task: str = "pretrain",
+    task: Any,
     num_classes: int = 14,
 ) -> str:
     """PNG of estimated peak memory (one rank, no sharding) against cubic ROI, one line per ladder policy; ``task``
@@ -484,8 +488,10 @@ def plot_memory_vs_roi(
 
     series = {}
     for name, pol in ladder:
-        step = StepSettings(model, 64, batch_size, num_samples, precision, as_policy(pol), fused_attention)
-        step = dataclasses.replace(step, task=task, num_classes=num_classes)
+        step = StepSettings(
+            model, 64, batch_size, num_samples, precision, as_policy(pol), fused_attention, task=task,
+            num_classes=num_classes,
+        )  # fmt: skip
         series[name] = [estimate_memory(dataclasses.replace(step, roi=r), device=device).total / GIB for r in rois]
     w, h, left, right, top, bottom = 900, 560, 70, 190, 40, 50
     img = Image.new("RGB", (w, h), "white")
@@ -526,7 +532,7 @@ def plot_memory_vs_roi(
         d.line([left, y, w - right, y], fill=(0, 0, 0), width=1)
         d.text((left + 6, y - 14), f"budget {budget_bytes / GIB:g} GiB", fill="black")
     title = (
-        f"estimated peak per rank (GiB) vs cubic ROI; {task}, feature {model.feature_size}, "
+        f"estimated peak per rank (GiB) vs cubic ROI; {task.name}, feature {model.feature_size}, "
         f"batch {batch_size}x{num_samples}, {precision}, {device}"
     )
     d.text((left, 12), title, fill="black")

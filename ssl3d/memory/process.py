@@ -84,7 +84,7 @@ def measure_process_baseline(imports: tuple[str, ...] = BASELINE_IMPORTS, timeou
 
 @functools.lru_cache(maxsize=4)
 def process_baseline_bytes(cache_dir: str | None = None) -> int:
-    """The measured baseline for this environment, from the cache file or measured now (about 10 s) and cached.
+    """The measured baseline for this environment, from the cache file or measured now (a fresh interpreter) and cached.
 
     A cache file that cannot be read or written is not an error: the figure is measured again."""
     path = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -13,10 +13,12 @@ anything the process should be fresh and glibc should hand large blocks back to 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -138,9 +140,7 @@ def profile_memory(
     The first step also creates the optimizer states; all steps count towards the peaks, as in training.
     ``breakdown`` (CPU): one extra step under the storage tracker for the breakdown by category and per-module peaks.
     """
-    from ssl3d.model import build_model
     from ssl3d.model.attention import apply_fused_attention
-    from ssl3d.ssl import SSLLoss
 
     step_cfg = step_settings(model, *step, **step_kw)
     if threads:
@@ -153,31 +153,16 @@ def profile_memory(
         raise ConfigError(f'device: got "{device}", but this machine has no CUDA device; profile with --device cpu')
     rss_baseline = current_rss_bytes()
     torch.manual_seed(seed)
-    if step_cfg.task == "pretrain":
-        net = build_model(step_cfg.model, step_cfg.contrastive_dim).to(dev)
-    else:
-        from ssl3d.model.segmentation import build_downstream_model
-
-        net = build_downstream_model(step_cfg.task, step_cfg.model, step_cfg.num_classes).to(dev)
+    task = step_cfg.task
+    net = task.build_model(step_cfg.model, step_cfg.contrastive_dim, step_cfg.num_classes).to(dev)
     if step_cfg.fused_attention:
         apply_fused_attention(net)
     apply_activation_checkpointing(net, step_cfg.policy)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(OptimConfig(), params)
-    inputs = make_step_inputs(
-        step_cfg.roi, step_cfg.batch_size, step_cfg.num_samples, dev, step_cfg.task, step_cfg.model.in_channels
-    )
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for v in inputs.values():
-        if v.is_floating_point():
-            v.copy_(torch.rand(v.shape, generator=gen, device="cpu"))
-    if step_cfg.task == "pretrain":
-        inputs["rot_labels"].copy_(torch.randint(0, 4, inputs["rot_labels"].shape, generator=gen, device="cpu"))
-    else:  # class indices as float, as the labelled loader delivers them
-        shape = inputs["label"].shape
-        inputs["label"].copy_(torch.randint(0, step_cfg.num_classes, shape, generator=gen, device="cpu"))
-    loss_fn = SSLLoss() if step_cfg.task == "pretrain" else None
+    inputs = make_step_inputs(step_cfg, dev)
+    task.randomise_inputs(inputs, step_cfg, torch.Generator(device="cpu").manual_seed(seed))
     dtype = DTYPES[step_cfg.precision]
     measured: dict[str, Any] = {}
     times: list[float] = []
@@ -186,16 +171,7 @@ def profile_memory(
         if cuda:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        training_step(
-            net,
-            optimizer,
-            inputs,
-            loss_fn,
-            autocast_dtype=dtype,
-            two_passes=step_cfg.two_passes,
-            grad_cache_chunk=step_cfg.grad_cache_chunk,
-            phase=phase,
-        )
+        training_step(net, optimizer, inputs, step_cfg, autocast_dtype=dtype, phase=phase)
         if cuda:
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
@@ -255,8 +231,9 @@ def profile_memory(
             "fused_attention": step_cfg.fused_attention,
             "two_passes": step_cfg.two_passes,
             "grad_cache_chunk": step_cfg.grad_cache_chunk,
-            "task": step_cfg.task,
-            "num_classes": step_cfg.num_classes if step_cfg.task != "pretrain" else None,
+            "task": task.name,
+            "task_label": task.describe(step_cfg.num_classes),
+            "num_classes": step_cfg.num_classes if task.needs_classes else None,
             "steps": steps,
         },
         "measured": measured,
@@ -313,6 +290,8 @@ def profile_in_subprocess(timeout: float | None = None, **kwargs: Any) -> dict[s
         args["model"] = dataclasses.asdict(args["model"])
     if isinstance(args.get("policy"), CheckpointPolicy):
         args["policy"] = args["policy"].to_dict()
+    # The task object travels as it is (the child imports its class when unpickling it).
+    args["task"] = base64.b64encode(pickle.dumps(args["task"])).decode() if "task" in args else None
     env = {**os.environ, **MALLOC_ENV}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -335,6 +314,8 @@ def _main(argv: list[str] | None = None) -> None:
     kwargs = json.loads(a.json_args)
     model = kwargs.pop("model", {})
     model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
+    if kwargs.get("task"):
+        kwargs["task"] = pickle.loads(base64.b64decode(kwargs["task"]))
     with contextlib.redirect_stdout(sys.stderr):
         result = profile_memory(model, **kwargs)
     print(json.dumps(result, default=str))

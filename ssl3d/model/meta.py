@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,14 +17,14 @@ from torch import nn
 from ssl3d.config import ModelConfig
 from ssl3d.model.ssl_model import build_model
 
-__all__ = ["count_parameters", "meta_model", "model_key"]
+__all__ = ["count_parameters", "meta_model", "model_from_key", "model_key"]
 
 
 @functools.lru_cache(maxsize=8)
-def meta_model(key: str, contrastive_dim: int, task: str = "pretrain", num_classes: int = 0) -> nn.Module:
-    """The model of ``task`` with meta parameters (no memory, no init cost after the first call per config): the
-    SSL model for ``"pretrain"``, MONAI's SwinUNETR for ``"finetune"``, the frozen-encoder probe for ``"probe"``
-    (``num_classes`` outputs, background included)."""
+def meta_model(key: str, contrastive_dim: int, task: Any = None, num_classes: int = 0) -> nn.Module:
+    """The model ``task`` (a ``ssl3d.tasks.Task``) trains, with meta parameters (no memory, no init cost after the
+    first call per config); ``num_classes`` outputs (background included) where the task has classes. Without a
+    task: the SSL pre-training model (what the strategy presets count)."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._device import _device_constructors
 
@@ -35,15 +36,19 @@ def meta_model(key: str, contrastive_dim: int, task: str = "pretrain", num_class
                 kwargs["device"] = "meta"
             return func(*args, **kwargs)
 
+    cfg = model_from_key(key)
+    with _MetaInit():
+        if task is None:
+            return build_model(cfg, contrastive_dim)
+        return task.build_model(cfg, contrastive_dim, num_classes)
+
+
+def model_from_key(key: str) -> ModelConfig:
+    """The model config ``model_key`` made ``key`` from (without initial weights)."""
     cfg = ModelConfig(**json.loads(key))
     cfg.depths, cfg.num_heads = tuple(cfg.depths), tuple(cfg.num_heads)
     cfg.init_weights = None
-    with _MetaInit():
-        if task == "pretrain":
-            return build_model(cfg, contrastive_dim)
-        from ssl3d.model.segmentation import build_downstream_model
-
-        return build_downstream_model(task, cfg, num_classes)
+    return cfg
 
 
 def model_key(cfg: ModelConfig) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from ssl3d.config import ModelConfig
 from ssl3d.model.encoder import LegacyPatchMerging, build_encoder
 
-__all__ = ["ProbeModel", "build_downstream_model", "build_segmentation_model"]
+__all__ = ["ProbeModel", "build_segmentation_model"]
 
 
 def build_segmentation_model(m: ModelConfig, num_classes: int) -> SwinUNETR:
@@ -60,7 +60,3 @@ class ProbeModel(nn.Module):
         return out  # [N, classes, *roi] logits
 
     load_from = SwinUNETR.load_from  # reads self.swinViT only
-
-
-def build_downstream_model(task: str, m: ModelConfig, num_classes: int) -> nn.Module:
-    return ProbeModel(m, num_classes) if task == "probe" else build_segmentation_model(m, num_classes)

@@ -10,7 +10,7 @@ Differences from the other backends that this module hides from the loop:
   for stage 0 in fp32 (a bare torch optimizer) this module checks the norm and suppresses the step.
 - the optimizer is ssl3d's torch optimizer (``zero_allow_untested_optimizer``), or DeepSpeedCPUAdam with
   the same hyper-parameters when the optimizer is offloaded. DeepSpeedCPUAdam is a C++ extension that is
-  JIT-compiled on first use (about 3 minutes on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, default
+  JIT-compiled on first use (cached in ``TORCH_EXTENSIONS_DIR``, default
   ``~/.cache/torch_extensions``); ``"zero_force_ds_cpu_optimizer": false`` keeps the torch optimizer instead.
 - a ZeRO-1/2/3 checkpoint resumes at another world size WITH its optimizer state: ``load`` converts the step
   folder's partitions once into DeepSpeed's universal checkpoint (``<step>/deepspeed_universal/``) and loads that
@@ -148,8 +148,8 @@ class DeepSpeedStrategy(Strategy):
         if self.stage == 0 and self.ds_config.precision == "bf16" and self.is_main:
             warnings.warn(
                 "deepspeed: ZeRO stage 0 in bf16 takes DeepSpeed's unfused low-precision path (bf16 gradient "
-                "all-reduce and accumulation); in ssl3d's tests it drifted ~30% from fp32 in 3 steps where ZeRO-1 "
-                'drifted ~5%: prefer "zero_optimization": {"stage": 1} (or strategy "ddp" with bf16 autocast)'
+                "all-reduce and accumulation), which drifts from fp32 several times as far as ZeRO-1 "
+                '(docs/scaling.md): prefer "zero_optimization": {"stage": 1} (or strategy "ddp" with bf16 autocast)'
             )
 
         # Order: activation checkpointing (applied by the caller) -> engine (wraps/shards) -> optimizer.
@@ -372,7 +372,8 @@ class DeepSpeedStrategy(Strategy):
 
         Under ZeRO-3 the master partitions are refreshed from the (re-partitioned) compute weights, which is
         exact in fp32 and rounds the masters to bf16 in a bf16 run. (``safe_set_full_fp32_param`` would be exact
-        but fails on the last rank for parameters whose size is not a multiple of the world size, DeepSpeed 0.19.)
+        but fails on the last rank for parameters whose size is not a multiple of the world size, in the
+        pinned DeepSpeed.)
         """
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param

@@ -14,6 +14,7 @@ from ssl3d.config import Config
 from ssl3d.memory import plan
 from ssl3d.memory.estimate import GIB, estimate_memory
 from ssl3d.strategies.ds_config import load_ds_config
+from ssl3d.tasks import PRETRAIN
 
 TINY = {"feature_size": 12, "depths": (1, 1, 1, 1)}
 
@@ -62,16 +63,16 @@ def test_fit_memory_on_the_device_keeps_the_margin(cuda_sim) -> None:
     from ssl3d.config import ModelConfig
 
     model = ModelConfig(**step[0])
-    fit = plan.fit_memory(32 * GIB, model, *step[1:], device="cuda")
+    fit = plan.fit_memory(32 * GIB, model, *step[1:], device="cuda", task=PRETRAIN)
     assert fit.budget_bytes == usable
     assert "Tesla V100-SXM2-32GB" in fit.describe(32 * GIB) and f"{usable / GIB:.2f} GiB" in fit.describe(32 * GIB)
-    small = plan.fit_memory(8 * GIB, model, *step[1:], device="cuda")
+    small = plan.fit_memory(8 * GIB, model, *step[1:], device="cuda", task=PRETRAIN)
     assert small.budget_bytes == 8 * GIB and small.note == ""
     # Planning for a GPU on a machine without one: the budget is the user's, nothing to compare it with.
     cudasim.undo()
-    remote = plan.fit_memory(32 * GIB, model, *step[1:], device="cuda")
+    remote = plan.fit_memory(32 * GIB, model, *step[1:], device="cuda", task=PRETRAIN)
     assert remote.budget_bytes == 32 * GIB and remote.note == ""
-    assert remote.estimate_bytes == estimate_memory(model, *step[1:], policy="none").total
+    assert remote.estimate_bytes == estimate_memory(model, *step[1:], policy="none", task=PRETRAIN).total
 
 
 def test_memory_snapshot_records_python_stacks_only(monkeypatch, tmp_path) -> None:

@@ -23,7 +23,8 @@ from tiny_run import TINY_RUN
 
 from ssl3d.config import ModelConfig
 from ssl3d.data.demo import write_demo_dataset
-from ssl3d.downstream.model import build_downstream_model, build_segmentation_model
+from ssl3d.downstream.model import build_segmentation_model
+from ssl3d.tasks import PROBE
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = cpu_env()
@@ -98,7 +99,7 @@ def test_probe_under_ddp_matches_one_process(single, tmp_path) -> None:
     worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in ref)
     assert worst <= TOL, f"probe under DDP: max |difference| {worst:.2e} > {TOL:.0e}"
     torch.manual_seed(0)
-    start = build_downstream_model("probe", ModelConfig(feature_size=12, depths=(1, 1, 1, 1)), 5).state_dict()
+    start = PROBE.build_model(ModelConfig(feature_size=12, depths=(1, 1, 1, 1)), num_classes=5).state_dict()
     moved = {k: float((ref[k] - start[k]).abs().max()) for k in ref if ref[k].is_floating_point()}
     assert max(v for k, v in moved.items() if not k.startswith("swinViT.")) > 100 * TOL  # the head learned
     assert max(v for k, v in moved.items() if k.startswith("swinViT.")) == 0.0  # the encoder stayed frozen

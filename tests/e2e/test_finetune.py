@@ -20,6 +20,7 @@ from ssl3d.cli import main
 from ssl3d.config import Config, ModelConfig
 from ssl3d.data.demo import write_demo_dataset
 from ssl3d.model import build_model
+from ssl3d.tasks import FINETUNE, get_task
 
 RUN = {**TINY_RUN, "train.eval_num": 2, "optim.warmup_steps": 1, "optim.lr": 1e-3, "finetune.sw_batch_size": 4}
 
@@ -122,7 +123,7 @@ def test_finetune_from_an_export_logs_dice_and_overlays_and_resumes_exactly(demo
     assert summary["init_tensors"] > 0 and summary["labelled"] == 3 and summary["steps"] == 4
     assert 0.0 <= summary["validation"]["mean_dice"] <= 1.0 and set(summary["validation"]) >= {"liver", "spine"}
     logged = tags(whole)
-    assert len(logged["Validation/mean_dice"]) == 2 and len(logged["train/loss"]) == 4
+    assert len(logged["Validation/mean_dice"]) == 2 and len(logged["train/loss_total"]) == 4
     assert {"Validation/image", "Validation/label", "Validation/prediction"} <= set(logged)
     png = Image.open(whole / "images" / "validation_overlay_step_00000004.png")
     assert png.mode == "RGB" and png.width > 2 * png.height  # image | label | prediction
@@ -135,7 +136,7 @@ def test_finetune_from_an_export_logs_dice_and_overlays_and_resumes_exactly(demo
     a = torch.load(whole / "model_final.pt", weights_only=True)["state_dict"]
     b = torch.load(split / "model_final.pt", weights_only=True)["state_dict"]
     # The same losses; weights equal up to the summation order of multi-threaded CPU kernels in a fresh process.
-    assert tags(split)["train/loss"] == pytest.approx(logged["train/loss"], rel=1e-6)
+    assert tags(split)["train/loss_total"] == pytest.approx(logged["train/loss_total"], rel=1e-6)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
 
@@ -152,7 +153,7 @@ def test_finetune_from_an_export_logs_dice_and_overlays_and_resumes_exactly(demo
     ]
     assert main([*common, *flags(preempted, 4, **extra), "--resume", "auto"]) == 0
     assert "step_00000001 at step 1" in capsys.readouterr().out  # resumed from the preemption's checkpoint
-    assert tags(preempted)["train/loss"] == pytest.approx(logged["train/loss"], rel=1e-6)
+    assert tags(preempted)["train/loss_total"] == pytest.approx(logged["train/loss_total"], rel=1e-6)
     c = torch.load(preempted / "model_final.pt", weights_only=True)["state_dict"]
     for k in a:
         torch.testing.assert_close(c[k], a[k], rtol=0, atol=2e-5, msg=k)
@@ -179,32 +180,31 @@ def test_finetune_fit_memory_applies_the_chosen_policy(
 ) -> None:
     """``ssl3d finetune --fit-memory``: a budget one byte under the run as configured (no checkpointing) makes the
     planner choose a rung, and the SwinUNETR that trains carries exactly that rung's checkpointed modules."""
-    from ssl3d.downstream.model import build_downstream_model
-    from ssl3d.downstream.trainer import SegmentationTrainer
     from ssl3d.memory import apply_activation_checkpointing, checkpointed_modules
     from ssl3d.memory.estimate import estimate_memory
     from ssl3d.memory.plan import DEFAULT_LADDER
     from ssl3d.step import StepSettings
+    from ssl3d.trainer import Trainer
 
     classes = len(json.loads(Path(demo).read_text())["labels"])
     model = ModelConfig(feature_size=12, depths=(1, 1, 1, 1))
-    step = StepSettings(model, tuple(RUN["data.roi"]), 1, 1, "fp32", task="finetune", num_classes=classes)
+    step = StepSettings(model, tuple(RUN["data.roi"]), 1, 1, "fp32", task=FINETUNE, num_classes=classes)
     budget = estimate_memory(step, device="cpu").total - 1
     applied: dict = {}
-    fit = SegmentationTrainer.fit
+    fit = Trainer.fit
 
     def recording_fit(self):  # what the model the run trains really carries
         applied["modules"] = checkpointed_modules(self.model)
         return fit(self)
 
-    monkeypatch.setattr(SegmentationTrainer, "fit", recording_fit)
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
     logdir = tmp_path / "fit"
     args = ["finetune", "--datalist", str(demo), f"--fit-memory={budget}", *flags(logdir, 1)]
     assert main([*args, '--set=train.precision="fp32"', '--set=train.device="cpu"']) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "--fit-memory" in x)
     name = re.search(r"activation checkpointing '([^']+)'", line)[1]
     assert name != "none" and "no gradient caching" in line
-    expected = build_downstream_model("finetune", model, classes)
+    expected = get_task("finetune").build_model(model, num_classes=classes)
     apply_activation_checkpointing(expected, dict(DEFAULT_LADDER)[name])
     assert applied["modules"] == checkpointed_modules(expected) != {}
     assert (logdir / "model_final.pt").is_file()

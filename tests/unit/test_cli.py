@@ -9,6 +9,7 @@ import pytest
 
 from ssl3d.cli import add_reference_flags, add_run_flags, main
 from ssl3d.run_config import build_config
+from ssl3d.tasks import PRETRAIN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -183,7 +184,7 @@ def test_memory_plan_table_agrees_with_the_estimator(capsys):
 
     def total(strategy: str, ranks: int, roi, batch: int, policy: str) -> int:
         kw = {"strategy": strategy, "world_size": ranks, "device": "cpu", "fused_attention": True}
-        return estimate_memory(model, roi, batch, 2, "fp32", policy, **kw).total
+        return estimate_memory(model, roi, batch, 2, "fp32", policy, **kw, task=PRETRAIN).total
 
     for strategy, ranks in [("single", 1), ("zero3", 8)]:
         policies = ("none", "full", {"policy": "full", "mlp_chunks": 4})  # the table's columns, in order

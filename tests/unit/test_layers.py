@@ -1,4 +1,4 @@
-"""The package's import graph: no cycles, and the lower layers never import the upper ones.
+"""The package's import graph: no cycles, every module in one layer, and no import that runs up the layers.
 
 Read from the source (every ``import`` statement, including those inside functions and ``TYPE_CHECKING`` blocks),
 so a lazy import that closes a circle is caught too. Importing ``a.b.c`` also runs ``a/__init__.py`` and
@@ -12,17 +12,59 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ssl3d"
-# Single-device code: it never looks at how it is run, sharded, estimated or launched.
-LOWER = ("ssl3d.model", "ssl3d.ssl", "ssl3d.data")
-UPPER = (
-    "ssl3d.strategies",
-    "ssl3d.memory",
-    "ssl3d.trainer",
-    "ssl3d.cli",
-    "ssl3d.run_config",
-    "ssl3d.checkpoint",
-    "ssl3d.downstream",
+# The layers the code has, lowest first. A module may import its own layer and those below, never one above; every
+# module and package of ssl3d belongs to exactly one layer (a new one must be placed here).
+TIERS: tuple[tuple[str, ...], ...] = (
+    # Foundations: settings, errors, files, the process's memory, logging, signals.
+    (
+        "ssl3d",
+        "ssl3d.config",
+        "ssl3d.errors",
+        "ssl3d.fileio",
+        "ssl3d.rss",
+        "ssl3d.metadata",
+        "ssl3d.logger",
+        "ssl3d.fault_injection",
+        "ssl3d.preemption",
+        "ssl3d.optim",
+        "ssl3d.allocator",
+    ),
+    # Single-device code: it never looks at how it is run, sharded, estimated or launched.
+    ("ssl3d.model", "ssl3d.ssl", "ssl3d.data", "ssl3d.step"),
+    # Memory tools: they model the strategies from their settings and ask the task object they are given.
+    ("ssl3d.memory",),
+    ("ssl3d.strategies",),
+    ("ssl3d.checkpoint",),
+    # The training tasks: what differs between pre-training, fine-tuning and probing.
+    ("ssl3d.tasks",),
+    # The one training loop, and turning a run's config into its inputs.
+    ("ssl3d.trainer", "ssl3d.run_config"),
+    # Commands.
+    ("ssl3d.downstream", "ssl3d.cli"),
 )
+
+
+def tier_of(module: str) -> int | None:
+    """The layer of ``module`` (its longest matching prefix), or None if it has none."""
+    best = None
+    for i, prefixes in enumerate(TIERS):
+        for prefix in prefixes:
+            if module == prefix or (prefix != "ssl3d" and module.startswith(prefix + ".")):
+                if best is None or len(prefix) > best[1]:
+                    best = (i, len(prefix))
+    return None if best is None else best[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs up the layers, as "module (layer) imports target (layer)"."""
+    wrong = []
+    for module, targets in graph.items():
+        here = tier_of(module)
+        for target in targets:
+            there = tier_of(target)
+            if here is not None and there is not None and there > here:
+                wrong.append(f"{module} (layer {here}) imports {target} (layer {there})")
+    return sorted(wrong)
 
 
 def _modules(package: Path = PACKAGE) -> dict[str, tuple[Path, bool]]:
@@ -94,24 +136,40 @@ def test_no_import_cycle() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-def test_lower_layers_do_not_import_upper_layers() -> None:
+def test_every_module_and_package_has_a_layer() -> None:
+    graph = import_graph()
+    assert "ssl3d.tasks" in graph and "ssl3d.tasks.pretrain" in graph  # packages are nodes too
+    assert [m for m in sorted(graph) if tier_of(m) is None] == []
+
+
+def test_no_import_runs_up_the_layers() -> None:
+    assert layer_violations(import_graph()) == []
+
+
+def test_memory_tools_import_no_task_and_no_strategy() -> None:
+    """The estimator, planner and profiler ask the task object they are given; they model the strategies from their
+    settings. So no module of ssl3d.memory imports a task's module, the downstream commands or a strategy."""
     graph = import_graph()
     wrong = sorted(
-        f"{module} imports {target}"
-        for module, targets in graph.items()
-        if module.startswith(LOWER)
-        for target in targets
-        if target.startswith(UPPER)
+        f"{m} imports {t}"
+        for m, ts in graph.items()
+        if m.startswith("ssl3d.memory")
+        for t in ts
+        if t.startswith(("ssl3d.tasks", "ssl3d.downstream", "ssl3d.strategies", "ssl3d.trainer"))
     )
     assert wrong == []
 
 
-def test_memory_tools_do_not_import_the_strategy_layer() -> None:
-    """The estimator models the strategies from their settings; it must not need them to be importable."""
-    graph = import_graph()
-    wrong = sorted(f"{m} imports {t}" for m, ts in graph.items() if m.startswith("ssl3d.memory") for t in ts)
-    wrong = [w for w in wrong if " imports ssl3d.strategies" in w or " imports ssl3d.trainer" in w]
-    assert wrong == []
+def test_the_layer_check_catches_memory_importing_a_task(tmp_path: Path) -> None:
+    """The checker itself, on a copy of the package where the estimator imports the pre-training task lazily."""
+    import shutil
+
+    copy = tmp_path / "ssl3d"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    estimate = copy / "memory" / "estimate.py"
+    estimate.write_text(estimate.read_text() + "\n\ndef _task():\n    from ssl3d.tasks.pretrain import PretrainTask\n")
+    graph = import_graph(copy)
+    assert "ssl3d.memory.estimate (layer 2) imports ssl3d.tasks.pretrain (layer 5)" in layer_violations(graph)
 
 
 def test_the_walk_sees_lazy_and_relative_imports(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from ssl3d.memory.cuda_autocast import (
 )
 from ssl3d.memory.plan import CAPACITY_MARGIN, fit_memory_flag, usable_capacity
 from ssl3d.model.meta import model_key
+from ssl3d.tasks import PRETRAIN
 
 GIB, MIB = 2**30, 2**20
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24), window_size=4)
@@ -81,7 +82,7 @@ def test_cpu_autocast_takes_cudas_rules_inside_and_its_own_after() -> None:
 
 def _traces(precision: str = "bf16", **kw):
     """The CUDA trace, and the same step traced under CPU autocast's rules (the estimate before)."""
-    step = est.step_settings(TINY, ROI, 1, 1, precision, None, **kw)
+    step = est.step_settings(TINY, ROI, 1, 1, precision, None, **kw, task=PRETRAIN)
     key, bare = model_key(step.model), dataclasses.replace(step, model=None)
     cuda = est._trace_cached.__wrapped__(key, bare, True)
     rules = est.cuda_autocast_rules
@@ -135,19 +136,21 @@ def test_fp32_is_traced_as_it_was() -> None:
 
 def test_cuda_allowances_are_in_the_estimate() -> None:
     """cuBLAS + cuDNN workspaces in the allocator's figures, the CUDA context after them, NCCL only with ranks."""
-    one = est.estimate_memory(TINY, ROI, 1, 1, "bf16").breakdown
+    one = est.estimate_memory(TINY, ROI, 1, 1, "bf16", task=PRETRAIN).breakdown
     assert one["workspace"] == est.CUBLAS_WORKSPACE + est.CUDNN_WORKSPACE
     assert one["runtime"] == est.CUDA_CONTEXT and one["nccl"] == 0
     assert one["total"] == one["reserved"] + one["runtime"]
-    ddp = est.estimate_memory(TINY, ROI, 1, 1, "bf16", strategy="ddp", world_size=8)
+    ddp = est.estimate_memory(TINY, ROI, 1, 1, "bf16", strategy="ddp", world_size=8, task=PRETRAIN)
     assert ddp.breakdown["nccl"] == est.NCCL_BUFFERS
     assert ddp.breakdown["total"] == ddp.breakdown["reserved"] + ddp.breakdown["runtime"] + est.NCCL_BUFFERS
     assert "NCCL buffers (outside the allocator)" in est.format_estimate(ddp)
-    assert "NCCL" not in est.format_estimate(est.estimate_memory(TINY, ROI, 1, 1, "bf16"))
-    assert est.estimate_memory(TINY, ROI, 1, 1, "bf16", strategy="ddp", world_size=8, nccl_bytes=0).total == (
-        ddp.total - est.NCCL_BUFFERS
-    )
-    cpu = est.estimate_memory(TINY, ROI, 1, 1, "fp32", device="cpu", strategy="ddp", world_size=2).breakdown
+    assert "NCCL" not in est.format_estimate(est.estimate_memory(TINY, ROI, 1, 1, "bf16", task=PRETRAIN))
+    assert est.estimate_memory(
+        TINY, ROI, 1, 1, "bf16", strategy="ddp", world_size=8, nccl_bytes=0, task=PRETRAIN
+    ).total == (ddp.total - est.NCCL_BUFFERS)
+    cpu = est.estimate_memory(
+        TINY, ROI, 1, 1, "fp32", device="cpu", strategy="ddp", world_size=2, task=PRETRAIN
+    ).breakdown
     assert "nccl" not in cpu
 
 
@@ -162,8 +165,10 @@ def test_pinned_host_blocks_round_up_to_powers_of_two() -> None:
     assert tracker.current[est.CATEGORIES.index("activations")] == 3072
     del kept, dev
     offload = {"policy": "offload"}
-    host = est.estimate_memory(TINY, ROI, 1, 1, "fp32", offload).breakdown["host_offload_max"]
-    assert host > 0 and "powers of two" in est.format_estimate(est.estimate_memory(TINY, ROI, 1, 1, "fp32", offload))
+    host = est.estimate_memory(TINY, ROI, 1, 1, "fp32", offload, task=PRETRAIN).breakdown["host_offload_max"]
+    assert host > 0 and "powers of two" in est.format_estimate(
+        est.estimate_memory(TINY, ROI, 1, 1, "fp32", offload, task=PRETRAIN)
+    )
 
 
 @pytest.mark.parametrize(

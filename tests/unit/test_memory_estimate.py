@@ -25,7 +25,8 @@ from ssl3d.memory.plan import DEFAULT_LADDER, format_plan, plan_memory
 from ssl3d.memory.profile import profile_in_subprocess
 from ssl3d.model import build_model
 from ssl3d.model.attention import apply_fused_attention
-from ssl3d.ssl import SSLLoss
+from ssl3d.step import StepSettings
+from ssl3d.tasks import PRETRAIN
 
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24), window_size=4)
 ROI = (32, 64, 64)
@@ -39,16 +40,16 @@ def _real_tracked_peak(policy: str, num_samples: int) -> int:
     apply_activation_checkpointing(model, policy)
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    inputs = make_step_inputs(ROI, 1, num_samples)
+    step = StepSettings(TINY, ROI, 1, num_samples, task=PRETRAIN)
+    inputs = make_step_inputs(step)
     for v in inputs.values():
         if v.is_floating_point():
             v.uniform_()
-    loss_fn = SSLLoss()
-    training_step(model, opt, inputs, loss_fn)
+    training_step(model, opt, inputs, step)
     tracker = StorageTracker()
     tracker.register_step_state(model, opt, inputs)
     with tracker:
-        training_step(model, opt, inputs, loss_fn, phase=tracker.set_phase)
+        training_step(model, opt, inputs, step, phase=tracker.set_phase)
     tracker.remove_hooks()
     return max(sum(e[1:-1]) for e in tracker.events)
 
@@ -57,7 +58,7 @@ def _real_tracked_peak(policy: str, num_samples: int) -> int:
 def test_fake_trace_matches_real_tensors():
     """Checkpointing + fused attention: recomputation and the chunked backward are where fake and real could part."""
     policy = "full"
-    trace = trace_step(TINY, ROI, 1, 1, policy=policy, device="cpu")
+    trace = trace_step(TINY, ROI, 1, 1, policy=policy, device="cpu", task=PRETRAIN)
     # Tensor bytes only: the estimate's modelled oneDNN workspace is invisible to the counter on real tensors.
     fake = int(sum(trace.column(c) for c in CATEGORIES if c not in ("workspace", "host")).max())
     real = _real_tracked_peak(policy, 1)
@@ -83,6 +84,7 @@ def test_estimate_within_15_percent_of_measured_rss():
             module_peaks=False,
             breakdown=False,
             timeout=300,
+            task=PRETRAIN,
         )
         for _ in range(2)
     ]
@@ -97,7 +99,7 @@ def test_estimate_within_15_percent_of_measured_rss():
 
 
 def test_breakdown_and_table():
-    est = estimate_memory(TINY, ROI, 1, 2, policy="selective")
+    est = estimate_memory(TINY, ROI, 1, 2, policy="selective", task=PRETRAIN)
     b = est.breakdown
     parts = sum(b[k] for k in CATEGORIES if k not in ("host",) and k in b) + b["sharding_buffers"]
     assert b["allocated_peak"] == pytest.approx(parts, abs=8)
@@ -112,7 +114,7 @@ def test_breakdown_and_table():
 @pytest.mark.slow
 def test_policies_and_fused_attention_reduce_memory():
     def peak(**kw):
-        return estimate_memory(TINY, ROI, 1, 2, device="cpu", **kw).breakdown
+        return estimate_memory(TINY, ROI, 1, 2, device="cpu", **kw, task=PRETRAIN).breakdown
 
     none, full = peak(policy="none"), peak(policy="full")
     assert full["activations_max"] < 0.5 * none["activations_max"]
@@ -124,7 +126,7 @@ def test_policies_and_fused_attention_reduce_memory():
 
 def test_sharding_arithmetic():
     def total(strategy, n, **kw):
-        return estimate_memory(TINY, ROI, 1, 2, strategy=strategy, world_size=n, **kw).breakdown
+        return estimate_memory(TINY, ROI, 1, 2, strategy=strategy, world_size=n, **kw, task=PRETRAIN).breakdown
 
     single = total("single", 1)
     z1, z3, fsdp = total("zero1", 8, reduce_bucket_size=0), total("zero3", 8), total("fsdp", 8)
@@ -153,25 +155,25 @@ def test_sharding_arithmetic():
 
 def test_bad_roi_is_a_config_error():
     with pytest.raises(ConfigError, match=r"roi\[0\]: got 48, expected a positive multiple of 32"):
-        estimate_memory(TINY, 48)
+        estimate_memory(TINY, 48, task=PRETRAIN)
     with pytest.raises(ConfigError, match=r"roi: got \[32, 32, 32\], expected at least 2 tokens at the last stage"):
-        estimate_memory(TINY, 32)
+        estimate_memory(TINY, 32, task=PRETRAIN)
     with pytest.raises(ConfigError, match=r"expected roi\[1\] == roi\[2\]"):
-        estimate_memory(TINY, (64, 64, 96))
+        estimate_memory(TINY, (64, 64, 96), task=PRETRAIN)
 
 
 @pytest.mark.slow
 def test_full_size_256_traces_without_allocating():
     # The trace runs on fake tensors: a 256^3 full-size step (tens of GiB for real) traces on a 24 GiB host.
-    trace = trace_step(ModelConfig(), 256, 1, 2, policy="full")
+    trace = trace_step(ModelConfig(), 256, 1, 2, policy="full", task=PRETRAIN)
     assert trace.events[:, 1:].sum(axis=1).max() > 4 * 2**30
 
 
 @pytest.mark.slow
 def test_planner_choice_fits_budget(tmp_path):
     ladder = DEFAULT_LADDER[:1] + DEFAULT_LADDER[5:6]  # none, full
-    none = estimate_memory(TINY, 64, 1, 2, "fp32", "none").total
-    full = estimate_memory(TINY, 64, 1, 2, "fp32", "full").total
+    none = estimate_memory(TINY, 64, 1, 2, "fp32", "none", task=PRETRAIN).total
+    full = estimate_memory(TINY, 64, 1, 2, "fp32", "full", task=PRETRAIN).total
     assert full < none
     budget = (none + full) // 2  # only checkpointing makes roi 64 fit
     plan = plan_memory(
@@ -187,15 +189,16 @@ def test_planner_choice_fits_budget(tmp_path):
         max_batch=2,
         plot_path=tmp_path / "mem.png",
         plot_rois=(64, 96),
+        task=PRETRAIN,
     )
     single = plan["rows"][0]
     assert single["strategy"] == "single" and single["cheapest_policy"] == "full"
     assert single["cheapest_policy_total"] <= budget
-    assert estimate_memory(TINY, 64, 1, 2, "fp32", "full").total <= budget
+    assert estimate_memory(TINY, 64, 1, 2, "fp32", "full", task=PRETRAIN).total <= budget
     roi_full = single["largest_roi"]["full"]
-    assert roi_full is not None and estimate_memory(TINY, roi_full, 1, 2, "fp32", "full").total <= budget
+    assert roi_full is not None and estimate_memory(TINY, roi_full, 1, 2, "fp32", "full", task=PRETRAIN).total <= budget
     if roi_full + 32 <= 96:
-        assert estimate_memory(TINY, roi_full + 32, 1, 2, "fp32", "full").total > budget
+        assert estimate_memory(TINY, roi_full + 32, 1, 2, "fp32", "full", task=PRETRAIN).total > budget
     assert single["largest_roi"]["none"] is None or single["largest_roi"]["none"] < 64
     assert (tmp_path / "mem.png").stat().st_size > 1000
     assert "cheapest policy" in format_plan(plan)

@@ -15,7 +15,6 @@ import torch
 
 from ssl3d.cli import main
 from ssl3d.config import ConfigError, ModelConfig, OptimConfig
-from ssl3d.downstream.model import build_downstream_model
 from ssl3d.memory.activation_checkpointing import apply_activation_checkpointing
 from ssl3d.memory.estimate import (
     CATEGORIES,
@@ -29,6 +28,7 @@ from ssl3d.memory.plan import DEFAULT_LADDER, fit_memory, format_plan, plan_memo
 from ssl3d.model.attention import apply_fused_attention
 from ssl3d.optim import build_optimizer
 from ssl3d.step import StepSettings
+from ssl3d.tasks import FINETUNE, PROBE, get_task
 
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24), window_size=4)
 ROI = (32, 64, 64)
@@ -36,7 +36,7 @@ CLASSES = 5
 
 
 def _trace(task: str, policy: str = "none"):
-    return trace_step(TINY, ROI, 1, 1, policy=policy, device="cpu", task=task, num_classes=CLASSES)
+    return trace_step(TINY, ROI, 1, 1, policy=policy, device="cpu", task=get_task(task), num_classes=CLASSES)
 
 
 def _setup_bytes(trace, category: str) -> int:
@@ -45,7 +45,7 @@ def _setup_bytes(trace, category: str) -> int:
 
 def _real(task: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_downstream_model(task, TINY, CLASSES)
+    return get_task(task).build_model(TINY, num_classes=CLASSES)
 
 
 @pytest.mark.slow
@@ -86,15 +86,15 @@ def test_probe_has_no_encoder_gradients_or_optimizer_states() -> None:
     assert 2 * head_bytes <= _setup_bytes(trace, "optimizer_states") <= 2 * head_bytes + 8 * len(heads)
     assert trace.units["trainable"] == sum(p.numel() for p in heads)
     # DDP's gradient buckets hold the trained parameters only.
-    ddp = estimate_memory(TINY, ROI, 1, 1, policy="none", device="cpu", task="probe", num_classes=CLASSES,
+    ddp = estimate_memory(TINY, ROI, 1, 1, policy="none", device="cpu", task=PROBE, num_classes=CLASSES,
                           strategy="ddp", world_size=2)  # fmt: skip
     assert ddp.breakdown["gradients"] == pytest.approx(head_bytes, abs=1)
     # The encoder runs under no_grad: no policy changes anything, and the ladder is one rung.
     full = _trace("probe", "full")
     assert (full.events[:, 1:].max(0) == trace.events[:, 1:].max(0)).all()
-    step = StepSettings(TINY, ROI, task="probe", num_classes=CLASSES)
+    step = StepSettings(TINY, ROI, task=PROBE, num_classes=CLASSES)
     assert [n for n, _ in task_ladder(DEFAULT_LADDER, step)] == ["none"]
-    finetune = StepSettings(TINY, ROI, task="finetune", num_classes=CLASSES)
+    finetune = StepSettings(TINY, ROI, task=FINETUNE, num_classes=CLASSES)
     assert len(task_ladder(DEFAULT_LADDER, finetune)) == len(DEFAULT_LADDER)
 
 
@@ -105,14 +105,15 @@ def _real_tracked_peak(task: str, policy: str) -> int:
     apply_activation_checkpointing(model, policy)
     model.train()
     opt = build_optimizer(OptimConfig(), [p for p in model.parameters() if p.requires_grad], foreach=False)
-    inputs = make_step_inputs(ROI, 1, 1, task=task)
+    step = StepSettings(TINY, ROI, 1, 1, task=get_task(task), num_classes=CLASSES)
+    inputs = make_step_inputs(step)
     inputs["image"].uniform_()
     inputs["label"].copy_(torch.randint(0, CLASSES, inputs["label"].shape))
-    training_step(model, opt, inputs, None)
+    training_step(model, opt, inputs, step)
     tracker = StorageTracker()
     tracker.register_step_state(model, opt, inputs)
     with tracker:
-        training_step(model, opt, inputs, None, phase=tracker.set_phase)
+        training_step(model, opt, inputs, step, phase=tracker.set_phase)
     tracker.remove_hooks()
     return max(sum(e[1:-1]) for e in tracker.events)
 
@@ -128,16 +129,16 @@ def test_fake_finetune_trace_matches_real_tensors(policy: str) -> None:
 
 def test_bad_downstream_settings_are_config_errors() -> None:
     with pytest.raises(ConfigError, match='task: got "segment"'):
-        estimate_memory(TINY, ROI, task="segment")
+        estimate_memory(TINY, ROI, task=get_task("segment"))
     with pytest.raises(ConfigError, match="num_classes: got 1"):
-        estimate_memory(TINY, ROI, task="finetune", num_classes=1)
+        estimate_memory(TINY, ROI, task=FINETUNE, num_classes=1)
     with pytest.raises(ConfigError, match="grad_cache_chunk/two_passes"):
-        estimate_memory(TINY, ROI, task="finetune", grad_cache_chunk=2)
+        estimate_memory(TINY, ROI, task=FINETUNE, grad_cache_chunk=2)
 
 
 @pytest.mark.slow
 def test_fit_memory_for_finetuning_picks_a_rung_that_fits() -> None:
-    step = StepSettings(TINY, ROI, precision="fp32", task="finetune", num_classes=CLASSES)
+    step = StepSettings(TINY, ROI, precision="fp32", task=FINETUNE, num_classes=CLASSES)
     none = estimate_memory(step, device="cpu").total
     fit = fit_memory(none - 1, step, device="cpu")
     assert fit.policy_name != "none" and fit.grad_cache_chunk == 0 and fit.estimate_bytes <= none - 1
@@ -159,9 +160,9 @@ def test_memory_commands_read_a_finetuning_config(tmp_path, capsys) -> None:
     assert main(["memory", "estimate", f"--config={config}", "--device=cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["task"] == "finetune" and out["config"]["num_classes"] == 5
-    swinunetr = build_downstream_model("finetune", model, 5)
+    swinunetr = get_task("finetune").build_model(model, num_classes=5)
     assert out["config"]["parameters_count"] == sum(p.numel() for p in swinunetr.parameters())
-    step = StepSettings(model, ROI, 1, 1, "fp32", task="finetune", num_classes=5)
+    step = StepSettings(model, ROI, 1, 1, "fp32", task=FINETUNE, num_classes=5)
     assert out["bytes"]["total"] == estimate_memory(step, device="cpu").total
 
     budget = 2**30
@@ -171,14 +172,14 @@ def test_memory_commands_read_a_finetuning_config(tmp_path, capsys) -> None:
     assert "max roi none" in lines[1] and "max roi full" not in lines[1]
     rows = {(p[0], int(p[1])): p[2:] for p in (line.split() for line in lines[2:])}
     assert len(rows) == 21
-    probe = dataclasses.replace(step, task="probe")
+    probe = dataclasses.replace(step, task=PROBE)
     cheapest, gib = rows[("single", 1)][-2:]
     assert cheapest == "none" and float(gib) == round(estimate_memory(probe, device="cpu").total / 2**30, 1)
 
 
 @pytest.mark.slow
 def test_plan_for_finetuning_agrees_with_the_estimator() -> None:
-    step = StepSettings(TINY, ROI, 1, 1, "fp32", task="finetune", num_classes=CLASSES)
+    step = StepSettings(TINY, ROI, 1, 1, "fp32", task=FINETUNE, num_classes=CLASSES)
     none = estimate_memory(step, device="cpu").total
     plan = plan_memory(
         none - 1, step, strategies=("single",), world_sizes=(1,), device="cpu", limit_policies=("full",), max_roi=128

@@ -14,6 +14,7 @@ from ssl3d.memory.estimate import estimate_memory
 from ssl3d.memory.plan import DEFAULT_LADDER, fit_memory
 from ssl3d.model import build_model
 from ssl3d.run_config import build_config
+from ssl3d.tasks import PRETRAIN
 from ssl3d.trainer import Trainer
 
 # MONAI's default window 7: with window 4 this tiny model's peak is one block's attention backward, which
@@ -33,6 +34,7 @@ def _est(num_samples: int, chunk: int, policy: str = "none", model: ModelConfig 
         device="cpu",
         grad_cache_chunk=chunk,
         contrastive_dim=512,
+        task=PRETRAIN,
     )
 
 
@@ -56,11 +58,11 @@ def test_fit_picks_the_cheapest_rung_that_fits() -> None:
     ladder = [DEFAULT_LADDER[0], DEFAULT_LADDER[5]]  # none, full
     none, full = _est(2, 0).total, _est(2, 0, "full").total
     budget = _budget_between(none, full)
-    fit = fit_memory(budget, TINY, ROI, 1, 2, ladder=ladder, precision="fp32", device="cpu")
+    fit = fit_memory(budget, TINY, ROI, 1, 2, ladder=ladder, precision="fp32", device="cpu", task=PRETRAIN)
     assert (fit.policy_name, fit.grad_cache_chunk) == ("full", 0)
     assert fit.estimate_bytes == full <= budget
     assert fit.policy["policy"] == "full"
-    roomy = fit_memory(none + 1, TINY, ROI, 1, 2, ladder=ladder, precision="fp32", device="cpu")
+    roomy = fit_memory(none + 1, TINY, ROI, 1, 2, ladder=ladder, precision="fp32", device="cpu", task=PRETRAIN)
     assert (roomy.policy_name, roomy.grad_cache_chunk) == ("none", 0)
 
 
@@ -70,7 +72,7 @@ def test_fit_turns_to_gradient_caching_when_no_policy_is_enough() -> None:
     full, full_cached = _est(4, 0, "full").total, _est(4, 1, "full").total
     assert full_cached < full
     budget = _budget_between(full, full_cached)
-    fit = fit_memory(budget, TINY, ROI, 1, 4, ladder=ladder, precision="fp32", device="cpu")
+    fit = fit_memory(budget, TINY, ROI, 1, 4, ladder=ladder, precision="fp32", device="cpu", task=PRETRAIN)
     assert fit.grad_cache_chunk >= 1 and fit.estimate_bytes <= budget
     assert "gradient caching" in fit.describe(budget)
 
@@ -78,7 +80,7 @@ def test_fit_turns_to_gradient_caching_when_no_policy_is_enough() -> None:
 @pytest.mark.slow
 def test_fit_says_what_would_fit_when_nothing_does() -> None:
     with pytest.raises(ConfigError, match=r"--fit-memory: ROI \[32, 64, 64\].*over the budget of 0\.01 GiB"):
-        fit_memory(10 * 2**20, TINY, ROI, 1, 2, precision="fp32", device="cpu")
+        fit_memory(10 * 2**20, TINY, ROI, 1, 2, precision="fp32", device="cpu", task=PRETRAIN)
 
 
 @pytest.mark.slow
@@ -101,7 +103,9 @@ def test_pretrain_fit_memory_applies_the_plan(tmp_path, capsys, monkeypatch, kee
     args = ["pretrain", *[f"--set={k}={json.dumps(v)}" for k, v in run.items()]]
     cfg = build_config(make_parser().parse_args(args))  # the demo preset under the overrides, as the run sees it
     kw = {"fused_attention": cfg.model.fused_attention, "device": "cpu", "contrastive_dim": cfg.ssl.contrastive_dim}
-    budget = estimate_memory(cfg.model, ROI, 1, 2, "fp32", "none", **kw).total - 1  # the run as configured: too big
+    budget = (
+        estimate_memory(cfg.model, ROI, 1, 2, "fp32", "none", **kw, task=PRETRAIN).total - 1
+    )  # the run as configured: too big
     args.append(f"--fit-memory={budget}")
     applied: dict = {}
     fit = Trainer.fit

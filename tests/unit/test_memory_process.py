@@ -10,6 +10,7 @@ from ssl3d.config import ModelConfig
 from ssl3d.memory import estimate_memory, format_estimate
 from ssl3d.memory import process as proc
 from ssl3d.rss import current_rss_bytes
+from ssl3d.tasks import PRETRAIN
 
 MIB = 2**20
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
@@ -46,13 +47,13 @@ def test_other_environment_measures_again_and_keeps_both(tmp_path, monkeypatch):
 
 
 def test_cpu_estimate_reports_the_whole_process():
-    est = estimate_memory(TINY, (32, 64, 64), 1, 1, device="cpu", process_baseline=300 * MIB)
+    est = estimate_memory(TINY, (32, 64, 64), 1, 1, device="cpu", process_baseline=300 * MIB, task=PRETRAIN)
     b = est.breakdown
     assert b["process_baseline"] == 300 * MIB and b["process_peak"] == b["total"] + 300 * MIB
     text = format_estimate(est)
     assert "libraries before the step (measured)" in text and "= whole-process peak (RSS)" in text
     assert f"note: {proc.ALLOCATOR_NOTE}" in text  # what the figure assumes of malloc, and what glibc's defaults add
-    gpu = estimate_memory(TINY, (32, 64, 64), 1, 1, device="cuda")
+    gpu = estimate_memory(TINY, (32, 64, 64), 1, 1, device="cuda", task=PRETRAIN)
     assert "process_peak" not in gpu.breakdown  # a GPU's budget is device memory
     assert proc.ALLOCATOR_NOTE not in format_estimate(gpu)
 
@@ -75,12 +76,13 @@ if sys.argv[1] == "fit":
     from ssl3d.cli import make_parser
     from ssl3d.run_config import apply_memory_fit, build_config, check_run_inputs
     from ssl3d.strategies import strategy_from_ds_config
+    from ssl3d.tasks import PRETRAIN
     cfg = build_config(make_parser().parse_args(["pretrain", *sys.argv[2:]]))
     ds, device = check_run_inputs(cfg)
     strategy = strategy_from_ds_config(ds, device)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        apply_memory_fit(cfg, strategy, 2**40)
+        apply_memory_fit(cfg, strategy, 2**40, PRETRAIN)
     strategy.teardown()
     line = out.getvalue()
 big = np.ones(16 << 20, np.uint8)

@@ -11,6 +11,7 @@ import pytest
 
 from ssl3d.config import ModelConfig
 from ssl3d.memory.estimate import estimate_memory
+from ssl3d.tasks import PRETRAIN
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -34,10 +35,12 @@ def test_monai_use_checkpoint_is_the_selective_policy_it_names(published) -> Non
     estimate as the model built with the flag (pre-training's encoder takes it; SwinUNETR is built without)."""
     tiny = {"feature_size": 12, "depths": (1, 1, 1, 1)}
     step = ((32, 64, 64), 1, 2, "fp16")
-    flag = estimate_memory(ModelConfig(**tiny, use_checkpoint=True), *step, None, fused_attention=False)
-    policy = estimate_memory(ModelConfig(**tiny), *step, published.MONAI_USE_CHECKPOINT, fused_attention=False)
+    flag = estimate_memory(ModelConfig(**tiny, use_checkpoint=True), *step, None, fused_attention=False, task=PRETRAIN)
+    policy = estimate_memory(
+        ModelConfig(**tiny), *step, published.MONAI_USE_CHECKPOINT, fused_attention=False, task=PRETRAIN
+    )
     assert flag.breakdown == policy.breakdown
-    none = estimate_memory(ModelConfig(**tiny), *step, None, fused_attention=False)
+    none = estimate_memory(ModelConfig(**tiny), *step, None, fused_attention=False, task=PRETRAIN)
     assert policy.breakdown["activations_max"] < none.breakdown["activations_max"]
 
 

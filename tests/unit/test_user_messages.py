@@ -204,3 +204,41 @@ def test_an_errno_other_than_enospc_is_reported_even_on_a_full_disk(tmp_path: Pa
     monkeypatch.setattr(ssl3d.checkpoint.shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 0))
     with pytest.raises(CheckpointWriteError, match=r"PermissionError: \[Errno 13\] Permission denied"):
         manager.save(1, {"step": 1})
+
+
+@pytest.fixture
+def damaged_weights(tmp_path: Path) -> Path:
+    """A real weights file (an encoder-shaped state dict, as ``model_swinvit.pt`` holds) cut to half its bytes."""
+    import torch
+
+    path = tmp_path / "model_swinvit.pt"
+    torch.save({"state_dict": {"patch_embed.proj.weight": torch.randn(12, 1, 2, 2, 2)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "{weights}", "{tmp}/out.pt"],
+        ["finetune", "--init", "{weights}", '--set=train.logdir="{tmp}/ft"', '--set=train.device="cpu"'],
+        ["pretrain", '--set=model.init_weights="{weights}"', '--set=train.logdir="{tmp}/pre"', "--dry-run"],
+    ],
+    ids=["export", "finetune-init", "model.init_weights"],
+)
+def test_a_damaged_weights_file_is_one_line_and_exit_2(
+    command: list[str], damaged_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every weights file ssl3d reads: a truncated one ends with one line naming the file, what is wrong and what
+    to do, exit 2, and no traceback (torch's own error is a ``PytorchStreamReader`` traceback)."""
+    from ssl3d.cli import main
+
+    argv = [a.format(weights=damaged_weights, tmp=tmp_path) for a in command]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "ssl3d: error" in line]
+    assert len(lines) == 1 and str(damaged_weights) in lines[0], captured
+    assert "truncated or damaged" in lines[0] and "ssl3d export" in lines[0]
+    assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "ft" / "checkpoints").exists()
