@@ -41,7 +41,7 @@ def test_f8_out_of_memory_advice_stays_below_a_v100s_capacity(cuda_sim, monkeypa
     cuda_sim("gpu-machine", "sm70")
     cfg = _tiny_run()
     capacity = cudasim.V100_TOTAL_MEMORY
-    text = plan.out_of_memory_help(cfg, _v100_strategy(cfg, monkeypatch, peak=capacity - GIB // 4))
+    text = plan.out_of_memory_help(cfg, _v100_strategy(cfg, monkeypatch, peak=capacity - GIB // 4), PRETRAIN)
     assert "of 31.75 GiB on this device" in text
     flag = re.search(r"--fit-memory (\d+)GiB would use", text)
     assert flag, text
