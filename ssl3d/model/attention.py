@@ -89,6 +89,7 @@ def _windows_per_chunk(rows: int, heads: int, n: int, groups: int, chunk_bytes: 
     return max(1, min(rows, chunk_bytes // max(per_window, 1)))
 
 
+@torch.compiler.disable  # a constant of the shapes: built eagerly, so tracing never sees its slice arithmetic
 def window_labels(
     dims: list[int], window_size: tuple[int, ...], shift_size: tuple[int, ...], device: torch.device
 ) -> Tensor:
