@@ -23,7 +23,7 @@ _SCRIPT = (
 
 
 def _run(library: str, mode: str = "", **env: str) -> list[str]:
-    full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", SWITCH)}
+    full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", SWITCH, "WORLD_SIZE")}
     full.update(env, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, library, mode], capture_output=True, text=True, env=full, timeout=60
@@ -45,6 +45,8 @@ def test_switch_off_and_fit_memory_keep_the_c_library_malloc():
     assert lines[0] == "start" and lines[1] == f"allocator: glibc malloc ({SWITCH}=0)", lines
     lines = _run("libm.so.6", "fit")
     assert lines[0] == "start" and "--fit-memory" in lines[1], lines
+    lines = _run("libm.so.6", WORLD_SIZE="2")  # a rank of torchrun / deepspeed
+    assert lines[0] == "start" and "a rank of a multi-process run" in lines[1], lines
 
 
 @pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
