@@ -1,23 +1,29 @@
 """One typed config tree for a run (pre-training, fine-tuning or probing).
 
 Loaded from JSON plus dotted command-line overrides (``--set train.lr=1e-4``), validated before anything
-heavy starts. Every problem is collected and reported at once, one line each, naming the dotted key, the
-value and what would work.
+heavy starts. The tree is a set of pydantic models: each key's type, default, limits and documentation are its
+field (``docs/config.md`` is generated from them). pydantic checks types strictly (JSON's ``true`` is no
+integer); ``problem_lines`` turns its errors into ssl3d's one line per problem, naming the dotted key, the value
+and what would work; ``validate`` adds the rules that span keys or touch files. Every problem is reported at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
 import json
 import math
+import shutil
 import signal
 import types
 import typing
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -28,291 +34,378 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
-@dataclass
-class DatalistConfig:
-    """One MONAI-style dataset JSON and the folder its relative ``image`` paths are resolved against."""
-
-    json: str = ""
-    root: str | None = None  # default: the folder holding the JSON file
+# A whole number; 2.0 (what JSON tools and ``--set x=2e3`` write) counts as one, 2.5 does not.
+Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
+Triple = Annotated[tuple[Int, ...], annotated_types.Len(3, 3)]
+Spacing = Annotated[tuple[float, ...], annotated_types.Len(3, 3)]
 
 
-@dataclass
-class ModelConfig:
-    feature_size: int = 48
-    depths: tuple[int, ...] = (2, 2, 2, 2)
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    window_size: int = 7
-    patch_size: int = 2
-    in_channels: int = 1
-    drop_path_rate: float = 0.0
-    decoder: Literal["vae", "deconv", "large_kernel_deconv"] = "vae"
-    # Reproduce MONAI < 1.5 patch-merging order, which the released model_swinvit.pt was trained with.
-    legacy_patch_merging: bool = False
-    # The reference's --use_checkpoint: checkpoint every Swin block and decoder stage (ssl3d's "full" policy) unless
-    # the ds_config's activation_checkpointing section says otherwise.
-    use_checkpoint: bool = False
-    # Window attention through scaled_dot_product_attention in training too (MONAI uses it only without grad).
-    fused_attention: bool = True
-    # Regional torch.compile of the Swin blocks (ssl3d.model.compile): after checkpointing, before wrapping.
-    compile: bool = False
-    # Initialise from a model_swinvit.pt file or a reference / ssl3d checkpoint.
-    init_weights: str | None = None
+def key(default: Any, doc: str, expect: str | None = None, **limits: Any) -> Any:
+    """A config key: default, documentation and limits (``ge``, ``gt``, ``le``, ``lt``); ``expect`` says what
+    would work when a limit is broken (derived from the limits when not given)."""
+    extra = {"expect": expect} if expect else None
+    if isinstance(default, list | BaseModel):  # a fresh one for every config
+        return Field(default_factory=lambda: copy.deepcopy(default), description=doc, json_schema_extra=extra, **limits)
+    return Field(default, description=doc, json_schema_extra=extra, **limits)
 
 
-@dataclass
-class DataConfig:
-    datalists: list[DatalistConfig] = field(default_factory=list)  # empty: the built-in demo data
-    roi: tuple[int, int, int] = (96, 96, 96)
-    num_samples: int = 2  # random crops per volume (the reference's sw_batch_size)
-    a_min: float = -1000.0
-    a_max: float = 1000.0
-    b_min: float = 0.0
-    b_max: float = 1.0
-    spacing: tuple[float, float, float] | None = None  # resample to this spacing (mm); None keeps voxels
-    dataset: Literal["plain", "cache", "smart_cache", "persistent", "prepcache"] = "plain"
-    cache_rate: float = 0.5
-    cache_dir: str | None = (
-        None  # on-disk caches (persistent, prepcache), shareable between runs; default <logdir>/cache
+class Section(BaseModel):
+    """A part of the config tree: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+with warnings.catch_warnings():  # the key is called "json" in MONAI's vocabulary; BaseModel.json is deprecated anyway
+    warnings.filterwarnings("ignore", message='Field name "json"')
+
+    class DatalistConfig(Section):
+        """One MONAI-style dataset JSON and the folder its relative ``image`` paths are resolved against."""
+
+        json: str = key("", "path of a dataset JSON file (the reference's lists work unchanged)")
+        root: str | None = key(None, "folder the list's relative paths start from; default: the JSON's folder")
+
+
+class ModelConfig(Section):
+    """The Swin UNETR encoder (MONAI's ``SwinTransformer``) and the pretext heads."""
+
+    feature_size: Int = key(48, "channels of the first stage; a positive multiple of 12")
+    depths: tuple[Int, ...] = key((2, 2, 2, 2), "Swin blocks per stage (4 stages)")
+    num_heads: tuple[Int, ...] = key((3, 6, 12, 24), "attention heads per stage, each a divisor of its width")
+    window_size: Int = key(7, "attention window in tokens", "a positive integer (reference: 7)", ge=1)
+    patch_size: Int = key(2, "patch embedding stride; 2 (the decoders upsample by 32)")
+    in_channels: Int = key(1, "input channels", "at least 1 (CT: 1)", ge=1)
+    drop_path_rate: float = key(0.0, "stochastic depth rate", ge=0, lt=1)
+    decoder: Literal["vae", "deconv", "large_kernel_deconv"] = key("vae", "the reconstruction head's decoder")
+    legacy_patch_merging: bool = key(
+        False, "MONAI < 1.5 patch-merging order, which the released model_swinvit.pt was trained with"
     )
-    prepcache_storage: Literal["float16", "uint8"] = "float16"  # how the "prepcache" kind stores volumes
-    num_workers: int = 4
-    on_bad_volume: Literal["skip", "fail"] = "skip"  # missing/corrupt/2D/constant/tiny volumes
-    min_size: int = 16  # voxels; a volume with a shorter axis is bad (larger ones below the ROI are padded)
-    demo_dir: str | None = None  # where demo volumes are written; default <logdir>/../demo_data
-    demo_volumes: int = 6
+    use_checkpoint: bool = key(
+        False,
+        "the reference's --use_checkpoint: checkpoint every Swin block and decoder stage (policy `full`) unless the "
+        "ds_config's activation_checkpointing section says otherwise",
+    )
+    fused_attention: bool = key(True, "window attention through scaled_dot_product_attention in training too")
+    compile: bool = key(False, "regional torch.compile of the Swin blocks (after checkpointing, before wrapping)")
+    init_weights: str | None = key(None, "initialise from a model_swinvit.pt file or a reference / ssl3d checkpoint")
 
 
-@dataclass
-class SSLConfig:
-    rotation_weight: float = 1.0
-    contrastive_weight: float = 1.0
-    reconstruction_weight: float = 1.0
-    temperature: float = 0.5
-    max_drop: float = 0.3  # fraction of voxels covered by cuboids, drawn uniformly in [0, max_drop]
-    min_block: float = 0.05  # cuboid side, fraction of each axis
-    max_block: float = 0.25
-    contrastive_dim: int = 512
-    # Views per forward/backward chunk with contrastive gradient caching (Gao et al., 2021): peak activation
-    # memory is that of one chunk, the gradients those of the whole batch. 0: all views in one pass (reference).
-    grad_cache_chunk: int = 0
-    # MoCo-style queue of negatives: this many embeddings of earlier views (detached) as extra negatives in the
-    # contrastive loss; holds negative_queue x contrastive_dim fp32 per rank. 0: off (the reference's loss).
-    negative_queue: int = 0
+class DataConfig(Section):
+    """Datalists, preprocessing (the reference's chain) and the dataset kind."""
+
+    datalists: list[DatalistConfig] = key([], "dataset JSON files; empty: the built-in demo data")
+    roi: Triple = key((96, 96, 96), "crop size in voxels: multiples of 32, roi[1] == roi[2]")
+    num_samples: Int = key(2, "random crops per volume (the reference's sw_batch_size)", ge=1)
+    a_min: float = key(-1000.0, "intensity (HU) mapped to b_min")
+    a_max: float = key(1000.0, "intensity (HU) mapped to b_max; above a_min")
+    b_min: float = key(0.0, "output intensity of a_min")
+    b_max: float = key(1.0, "output intensity of a_max")
+    spacing: Spacing | None = key(None, "resample to this spacing (mm); null keeps the voxels")
+    dataset: Literal["plain", "cache", "smart_cache", "persistent", "prepcache"] = key("plain", "dataset kind")
+    cache_rate: float = key(0.5, "share of volumes the cache and smart_cache kinds hold", gt=0, le=1)
+    cache_dir: str | None = key(None, "on-disk caches (persistent, prepcache), shareable; default <logdir>/cache")
+    prepcache_storage: Literal["float16", "uint8"] = key("float16", "how the prepcache kind stores volumes")
+    num_workers: Int = key(4, "loader worker processes", ge=0)
+    on_bad_volume: Literal["skip", "fail"] = key("skip", "missing/corrupt/2D/constant/tiny volumes: skip or stop")
+    min_size: Int = key(16, "a volume with a shorter axis is bad (larger ones below the ROI are padded)", ge=1)
+    demo_dir: str | None = key(None, "where the demo volumes are written; default <logdir>/../demo_data")
+    demo_volumes: Int = key(6, "demo volumes written", "at least 2 (one for validation)", ge=2)
 
 
-@dataclass
-class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 4e-4
-    weight_decay: float = 0.1
-    momentum: float = 0.9
-    schedule: Literal["warmup_cosine", "poly", "constant"] = "warmup_cosine"
-    warmup_steps: int = 500
-    poly_power: float = 0.9
+class SSLConfig(Section):
+    """The three pretext tasks and their losses."""
+
+    rotation_weight: float = key(1.0, "weight of the rotation loss", ge=0)
+    contrastive_weight: float = key(1.0, "weight of the contrastive loss", ge=0)
+    reconstruction_weight: float = key(1.0, "weight of the masked-volume reconstruction loss", ge=0)
+    temperature: float = key(0.5, "contrastive temperature", "a positive number (reference: 0.5)", gt=0)
+    max_drop: float = key(0.3, "share of voxels masked, drawn in [0, max_drop]", "a fraction in [0, 1]", ge=0, le=1)
+    min_block: float = key(0.05, "masked cuboid side, fraction of each axis (smallest)")
+    max_block: float = key(0.25, "masked cuboid side, fraction of each axis (largest)")
+    contrastive_dim: Int = key(512, "contrastive embedding size", "at least 1 (reference: 512)", ge=1)
+    grad_cache_chunk: Int = key(
+        0,
+        "views per forward/backward chunk with contrastive gradient caching: the activation memory of one chunk, "
+        "the gradients of the whole batch; 0: all views in one pass (reference)",
+        "0 (off) or the views per chunk (>= 1)",
+        ge=0,
+    )
+    negative_queue: Int = key(
+        0,
+        "MoCo-style queue: this many embeddings of earlier views (detached) as extra negatives, "
+        "negative_queue x contrastive_dim fp32 per rank; 0: off (the reference's loss)",
+        "0 (off) or the queued negatives (>= 1)",
+        ge=0,
+    )
 
 
-@dataclass
-class TrainConfig:
-    batch_size: int = 2  # volumes per micro-batch per process
-    grad_accum: int = 1
-    num_steps: int = 100_000  # optimizer steps
-    eval_num: int = 100  # validate every eval_num steps
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    grad_clip: float | None = None
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    logdir: str = "runs/ssl3d"
-    log_every: int = 1
-    resume: str | None = None  # a checkpoint file/folder, or "auto": the newest in logdir
-    progress: bool = True
-    max_val_batches: int | None = None  # None: the whole validation list
-    keep_checkpoints: int = 2  # newest step folders kept (best/ is kept besides)
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
-    # Also write a checkpoint when this many minutes passed since the last one (besides every eval_num steps).
-    checkpoint_every_minutes: float | None = None
-    # Signals that make every rank finish its step, write a checkpoint and exit with code 4 (SLURM, Kubernetes and
-    # spot instances send SIGTERM before killing; SLURM's --signal sends what it is told, e.g. USR1).
-    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    # How long a collective waits for a lagging rank (torch's NCCL default is 10 minutes: less than a rank may spend
-    # building its data cache before the first collective).
-    collective_timeout_minutes: float = 30.0
-    # GPU speed switches (no effect on the CPU): cuDNN picks the fastest convolution for the fixed crop size once;
-    # TF32 matmuls and convolutions on Ampere and newer (fp32 runs and autocast's fp32 ops).
-    cudnn_benchmark: bool = True
-    allow_tf32: bool = True
+class OptimConfig(Section):
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adam", "sgd"] = key("adamw", "optimizer")
+    lr: float = key(4e-4, "peak learning rate", "a positive learning rate", gt=0)
+    weight_decay: float = key(0.1, "weight decay", ge=0)
+    momentum: float = key(0.9, "SGD momentum", "a value in [0, 1) (reference: 0.9)", ge=0, lt=1)
+    schedule: Literal["warmup_cosine", "poly", "constant"] = key("warmup_cosine", "learning-rate schedule")
+    warmup_steps: Int = key(500, "linear warm-up steps (warmup_cosine)", ge=0)
+    poly_power: float = key(0.9, "exponent of the poly schedule", "a positive exponent (reference: 0.9)", gt=0)
 
 
-@dataclass
-class FinetuneConfig:
+class TrainConfig(Section):
+    """The loop: steps, precision, device, logging, checkpoints, preemption."""
+
+    batch_size: Int = key(2, "volumes per micro-batch per process", ge=1)
+    grad_accum: Int = key(1, "micro-batches per optimizer step", ge=1)
+    num_steps: Int = key(100_000, "optimizer steps", ge=1)
+    eval_num: Int = key(100, "validate (and checkpoint) every eval_num steps", ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "auto: bf16 on recent GPUs, fp32 on the CPU")
+    grad_clip: float | None = key(None, "gradient norm clipping", "a positive norm or null", gt=0)
+    seed: Int = key(0, "random seed")
+    device: Literal["auto", "cpu", "cuda"] = key("auto", "auto: CUDA when there is a GPU")
+    logdir: str = key("runs/ssl3d", "run folder: TensorBoard logs, checkpoints, images")
+    log_every: Int = key(1, "log training scalars every log_every steps", ge=1)
+    resume: str | None = key(None, 'a checkpoint file/folder, or "auto": the newest in logdir')
+    progress: bool = key(True, "progress bar")
+    max_val_batches: Int | None = key(
+        None, "validation batches; null: the whole list", "at least 1 or null (all)", ge=1
+    )
+    keep_checkpoints: Int = key(2, "newest step folders kept (best/ is kept besides)", ge=1)
+    max_bad_steps: Int = key(5, "stop after this many non-finite steps in a row (each one is skipped)", ge=1)
+    checkpoint_every_minutes: float | None = key(
+        None, "also checkpoint when this many minutes passed", "a positive number or null", gt=0
+    )
+    preempt_signals: list[str] = key(
+        ["SIGTERM", "SIGUSR1"], "signals that make every rank finish its step, checkpoint and exit with code 4"
+    )
+    collective_timeout_minutes: float = key(
+        30.0,
+        "how long a collective waits for a lagging rank (NCCL's 10-minute default is less than a cache build)",
+        "a positive number of minutes (default 30)",
+        gt=0,
+    )
+    cudnn_benchmark: bool = key(True, "cuDNN picks the fastest convolution for the fixed crop size once (GPU)")
+    allow_tf32: bool = key(True, "TF32 matmuls and convolutions on Ampere and newer (GPU)")
+
+
+class FinetuneConfig(Section):
     """Supervised segmentation with MONAI's SwinUNETR (``ssl3d finetune``) or a frozen-encoder probe (``ssl3d probe``).
 
     The datalists' entries need a ``"label"``; ``data.roi`` and ``data.num_samples`` are the training crops (drawn by
     ``RandCropByPosNegLabeld``), validation runs ``sliding_window_inference`` over whole volumes.
     """
 
-    task: Literal["finetune", "probe"] = "finetune"
-    # model_swinvit.pt (its model_swinvit.json is read beside it), a run folder, a step folder, a reference
-    # checkpoint; null or "none": random initialisation.
-    init: str | None = None
-    num_classes: int = 0  # output channels incl. background; 0: the size of the datalist's "labels" map
-    labelled: float = 0  # N >= 1: the first N training cases in a seeded order; 0 < f < 1: that fraction; 0: all
-    dice_weight: float = 1.0
-    ce_weight: float = 1.0
-    pos_fraction: float = 0.5  # share of crops centred on a labelled voxel (RandCropByPosNegLabeld pos/(pos+neg))
-    sw_batch_size: int = 2  # windows per forward in sliding_window_inference
-    sw_overlap: float = 0.25
+    task: Literal["finetune", "probe"] = key("finetune", "train the whole SwinUNETR, or a probe on a frozen encoder")
+    init: str | None = key(
+        None, 'model_swinvit.pt, a run, step or reference checkpoint; null or "none": random initialisation'
+    )
+    num_classes: Int = key(0, "output channels incl. background; 0: the size of the datalist's labels map")
+    labelled: float = key(0, "N >= 1: the first N training cases (seeded order); 0 < f < 1: that share; 0: all")
+    dice_weight: float = key(1.0, "weight of the Dice loss")
+    ce_weight: float = key(1.0, "weight of the cross-entropy loss")
+    pos_fraction: float = key(0.5, "share of crops centred on a labelled voxel", "a fraction in [0, 1]", ge=0, le=1)
+    sw_batch_size: Int = key(2, "windows per forward in sliding-window validation", ge=1)
+    sw_overlap: float = key(0.25, "overlap of the sliding windows", "a fraction in [0, 1)", ge=0, lt=1)
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    ssl: SSLConfig = field(default_factory=SSLConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    ds_config: str | None = None  # strategy preset in DeepSpeed's JSON vocabulary; None: one process
+class Config(Section):
+    """A run: every key optional, the defaults are the reference's."""
+
+    model: ModelConfig = key(ModelConfig(), "the encoder")
+    data: DataConfig = key(DataConfig(), "data")
+    ssl: SSLConfig = key(SSLConfig(), "pretext tasks")
+    optim: OptimConfig = key(OptimConfig(), "optimizer")
+    train: TrainConfig = key(TrainConfig(), "the loop")
+    finetune: FinetuneConfig = key(FinetuneConfig(), "fine-tuning and probing")
+    ds_config: str | None = key(None, "strategy preset in DeepSpeed's JSON vocabulary; null: one process")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loading: JSON -> dataclasses, with every type problem collected.
+# pydantic's errors as ssl3d's lines
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+def type_name(tp: Any) -> str:
+    """What a value of type ``tp`` looks like in JSON, for "expected ..." messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return type_name(args[0])
     if origin is Literal:
-        return " | ".join(json.dumps(a) for a in typing.get_args(tp))
+        return " | ".join(json.dumps(a) for a in args)
     if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in args)
     if origin in (tuple, list):
-        args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
+        element = (
+            typing.get_args(args[0])[0] if args and typing.get_origin(args[0]) is Annotated else args[:1] and args[0]
+        )
+        plural = {int: "integers", float: "numbers", str: "strings"}.get(element, "items")
+        return f"a list of {'objects' if 'object' in type_name(args[0]) else plural}" if args else "a list"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
         return "an object"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
+        tp, str(tp)
+    )
 
 
-def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = f"{key}: got {json.dumps(value, default=str)}, expected {_type_name(tp)}"
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            sub: list[str] = []
-            out = _convert(value, arg, key, sub)
-            if not sub:
-                return out
-        problems.append(bad)
-        return None
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean {json.dumps(close[0])}?)" if close else ""
-            problems.append(f"{bad}{hint}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            problems.append(bad)
-            return None
-        if len(args) != 2 or args[1] is not Ellipsis:
-            if len(value) != len(args):
-                problems.append(f"{key}: got {json.dumps(value)}, expected a list of {len(args)} numbers")
-                return None
-            return tuple(_convert(v, a, f"{key}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
-        return tuple(_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value))
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(bad)
-            return []
-        return [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(bad)
-            return tp()
-        return _build(tp, value, key, problems)
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(bad)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            problems.append(bad)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(bad)
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(bad)
-        return value
-    return value
+def _limits_text(info: Any) -> str:
+    b = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+    if (lo := b.get("ge", b.get("gt"))) is not None and (hi := b.get("le", b.get("lt"))) is not None:
+        return f"a value in {'[' if 'ge' in b else '('}{lo}, {hi}{']' if 'le' in b else ')'}"
+    if "gt" in b:
+        return "a positive number" if b["gt"] == 0 else f"a value above {b['gt']}"
+    return "0 or more" if b.get("ge") == 0 else f"at least {b.get('ge')}"
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(f"{dotted}: unknown key; {hint}valid keys: {', '.join(names)}")
+def _walk(root: type[BaseModel], loc: Sequence[str | int]) -> tuple[Any, Any]:
+    """(the field info, the type) at ``loc`` below ``root``; unions with null are looked through."""
+    tp: Any = root
+    info = None
+    for part in loc:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (types.UnionType, typing.Union) and len(args) == 1:
+            tp = args[0]
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        if isinstance(part, int) or not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+            tp = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        else:
+            info = tp.model_fields.get(part)
+            tp = info.annotation if info else Any
+    return info, tp
+
+
+def dotted(loc: Sequence[str | int], prefix: str = "") -> str:
+    """``("data", "datalists", 0, "json")`` -> ``data.datalists[0].json``."""
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def did_you_mean(word: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _position(tree: Any, loc: Sequence[str | int]) -> tuple[int, ...]:
+    """Where ``loc`` sits in the input, so problems are listed in the order the file has them."""
+    out = []
+    for part in loc:
+        keys = list(tree) if isinstance(tree, dict) else list(range(len(tree))) if isinstance(tree, list) else []
+        out.append(keys.index(part) if part in keys else len(keys))
+        tree = tree[part] if part in keys else None
+    return tuple(out)
+
+
+def problem_lines(exc: ValidationError, root: type[BaseModel], tree: Any, prefix: str = "") -> list[str]:
+    """One line per pydantic error on the input ``tree``: the dotted key, the value and what would work."""
+    errors = sorted(exc.errors(), key=lambda e: _position(tree, e["loc"]))
+    lines = []
+    for err in errors:
+        loc, kind, value = err["loc"], err["type"], err.get("input")
+        where, got = dotted(loc, prefix), json.dumps(value, default=str)
+        if kind == "extra_forbidden":
+            _, parent = _walk(root, loc[:-1])
+            names = list(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+            lines.append(f"{where}: unknown key; {did_you_mean(str(loc[-1]), names)}valid keys: {', '.join(names)}")
             continue
-        found: list[str] = []
-        converted = _convert(value, hints[key], dotted, found)
-        problems += found
-        if found and not dataclasses.is_dataclass(hints[key]):
-            continue  # keep the default, so the value checks still run on everything else
-        kwargs[key] = converted
-    try:
-        return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
-    except TypeError as exc:  # pragma: no cover - defensive; types were checked above
-        problems.append(f"{prefix or 'config'}: {exc}")
-        return cls()
+        if kind in ("too_short", "too_long") and any(
+            len(e["loc"]) > len(loc) and e["loc"][: len(loc)] == loc for e in errors
+        ):
+            continue  # a bad element is named on its own line
+        info, tp = _walk(root, loc)
+        if kind in ("too_short", "too_long"):
+            n = err["ctx"]["min_length" if kind == "too_short" else "max_length"]
+            lines.append(f"{where}: got {got}, expected a list of {n} numbers")
+            continue
+        if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info is not None:
+            expect = (info.json_schema_extra or {}).get("expect") or _limits_text(info)
+        else:
+            expect = type_name(tp)
+            options = [str(a) for a in typing.get_args(tp)] if typing.get_origin(tp) is Literal else []
+            close = difflib.get_close_matches(str(value), options, n=1)
+            expect += f" (did you mean {json.dumps(close[0])}?)" if close else ""
+        lines.append(f"{where}: got {got}, expected {expect}")
+    return lines
 
 
-def _optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+def _without(tree: dict[str, Any], loc: Sequence[str | int]) -> None:
+    """Drop the key an error points at (the innermost named key), so the rest can still be checked."""
+    last = max((i for i, p in enumerate(loc) if isinstance(p, str)), default=-1)
+    node: Any = tree
+    for part in loc[:last]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    if last >= 0 and isinstance(node, dict):
+        node.pop(loc[last], None)
+
+
+def checked(root: type[BaseModel], tree: dict[str, Any], prefix: str = "") -> tuple[Any, list[str]]:
+    """``root`` built from the JSON-like ``tree`` (strict types), and one line per problem; keys with a problem
+    fall back to their defaults so the checks across keys still run on everything else."""
+    tree = json.loads(json.dumps(tree, default=str))
+    problems: list[str] = []
+    for _ in range(4):
+        try:
+            return root.model_validate_json(json.dumps(tree), strict=True), problems
+        except ValidationError as exc:
+            problems += problem_lines(exc, root, tree, prefix)
+            for err in exc.errors():
+                _without(tree, err["loc"])
+    return root(), problems  # pragma: no cover - each round removes what failed
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """A Config from a saved ``to_dict()`` (a checkpoint's record); keys unknown to this version are dropped."""
-    return _build(Config, tree, "", [])
+    return checked(Config, tree)[0]
+
+
+def key_reference() -> str:
+    """Every run-config key with its type, default and documentation, as the Markdown of ``docs/config.md``."""
+    intro = "Generated from `ssl3d/config.py` (`python -m ssl3d.config`); a test keeps it in sync."
+    out = ["# Run-config reference", "", intro + " Every key is optional; the defaults are the reference's.", ""]
+    for section, info in Config.model_fields.items():
+        tp = info.annotation
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+            out += [f"`{section}` ({type_name(tp)}, default `{json.dumps(info.default)}`): {info.description}.", ""]
+            continue
+        title = (tp.__doc__ or "").splitlines()[0].replace("``", "`")
+        out += [f"## `{section}`: {title}", "", "| key | type | default | meaning |"]
+        out += ["| --- | --- | --- | --- |"]
+        for name, f in tp.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            default = default.model_dump() if isinstance(default, BaseModel) else default
+            kind = type_name(f.annotation).replace("|", "\\|")
+            out.append(f"| `{section}.{name}` | {kind} | `{json.dumps(default)}` | {f.description} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: defaults < JSON file < overrides
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> (``a.b``, value); the value is JSON when it parses, else a plain string."""
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected key=value, for example --set train.num_steps=100")
-    key, raw = text.split("=", 1)
+    name, raw = text.split("=", 1)
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    return key.strip(), value
+    return name.strip(), value
 
 
-def _apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
+def _apply_override(tree: dict[str, Any], name: str, value: Any) -> None:
     node = tree
-    parts = key.split(".")
+    parts = name.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{key}: cannot set a key below a non-object value")
+            raise ConfigError(f"{name}: cannot set a key below a non-object value")
     node[parts[-1]] = value
 
 
@@ -339,33 +432,36 @@ def load_config(
     tree: dict[str, Any] = read_json(path) if path else {}
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
-    for key, value in (overrides or {}).items():
-        _apply_override(tree, key, value)
-    problems: list[str] = []
-    cfg = _build(Config, tree, "", problems)
+    for name, value in (overrides or {}).items():
+        _apply_override(tree, name, value)
+    cfg, problems = checked(Config, tree)
     problems += validate(cfg, check_files=check_files)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def roi_problems(roi: Sequence[int], key: str) -> list[str]:
+# ---------------------------------------------------------------------------------------------------------
+# Rules that span keys or touch files
+
+
+def roi_problems(roi: Sequence[int], name: str) -> list[str]:
     """The crop-size rules, one line per broken rule (the run config and the memory tools share them)."""
     p = []
     for i, r in enumerate(roi):
         if r <= 0 or r % 32:
             p.append(
-                f"{key}[{i}]: got {r}, expected a positive multiple of 32 "
+                f"{name}[{i}]: got {r}, expected a positive multiple of 32 "
                 "(patch 2 and four 2x mergings), e.g. 64, 96, 128"
             )
     if all(r > 0 and r % 32 == 0 for r in roi) and math.prod(roi) < 2 * 32**3:
         p.append(
-            f"{key}: got {list(roi)}, expected at least 2 tokens at the last stage (ROI/32 per axis), "
+            f"{name}: got {list(roi)}, expected at least 2 tokens at the last stage (ROI/32 per axis), "
             "since the contrastive head reads token 1; e.g. [32, 64, 64]"
         )
     if roi[1] != roi[2]:
         p.append(
-            f"{key}: got {list(roi)}, expected roi[1] == roi[2] "
+            f"{name}: got {list(roi)}, expected roi[1] == roi[2] "
             "(the rotation task turns crops by 90 degrees in that plane, which must keep their shape)"
         )
     return p
@@ -374,9 +470,7 @@ def roi_problems(roi: Sequence[int], key: str) -> list[str]:
 def compile_problem(device: str) -> str | None:
     """Why ``model.compile`` cannot run on ``device`` ("auto" counts as the CPU) here, or None: inductor writes C++
     for the CPU; on CUDA, Triton builds its launchers with a C compiler."""
-    import shutil
-
-    if device in ("cpu", "auto"):
+    if device != "cuda":
         if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             return (
                 "model.compile: true needs a C++ compiler for torch.compile on the CPU (no c++, g++ or clang++ "
@@ -391,14 +485,13 @@ def compile_problem(device: str) -> str | None:
 
 
 def validate(cfg: Config, check_files: bool = True) -> list[str]:
-    """Value checks that types alone cannot express; returns one line per problem."""
+    """The rules no single key's type and limits express; returns one line per problem."""
     p: list[str] = []
-    m, d, s, o, t = cfg.model, cfg.data, cfg.ssl, cfg.optim, cfg.train
-    n_stages = len(m.depths)
-    if n_stages != 4:
+    m, d, s, t = cfg.model, cfg.data, cfg.ssl, cfg.train
+    if len(m.depths) != 4:
         p.append(f"model.depths: got {list(m.depths)}, expected 4 stages (the Swin UNETR encoder has 4)")
-    if len(m.num_heads) != n_stages:
-        p.append(f"model.num_heads: got {len(m.num_heads)} entries, expected one per stage ({n_stages})")
+    if len(m.num_heads) != len(m.depths):
+        p.append(f"model.num_heads: got {len(m.num_heads)} entries, expected one per stage ({len(m.depths)})")
     if m.feature_size <= 0 or m.feature_size % 12:
         p.append(f"model.feature_size: got {m.feature_size}, expected a positive multiple of 12 (e.g. 12, 24, 48)")
     for i, h in enumerate(m.num_heads):
@@ -406,31 +499,15 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             p.append(f"model.num_heads[{i}]: got {h}, expected a divisor of the stage width {m.feature_size * 2**i}")
     if m.patch_size != 2:
         p.append(f"model.patch_size: got {m.patch_size}, expected 2 (the decoders upsample by 32 = 2 x 2^4)")
-    if m.window_size < 1:
-        p.append(f"model.window_size: got {m.window_size}, expected a positive integer (reference: 7)")
-    if m.in_channels < 1:
-        p.append(f"model.in_channels: got {m.in_channels}, expected at least 1 (CT: 1)")
-    if not 0.0 <= m.drop_path_rate < 1.0:
-        p.append(f"model.drop_path_rate: got {m.drop_path_rate}, expected a value in [0, 1)")
     if m.compile and (problem := compile_problem(t.device)):
         p.append(problem)
     if m.init_weights and check_files and not Path(m.init_weights).exists():
         p.append(f"model.init_weights: {m.init_weights} not found; expected a weight file or a checkpoint folder")
     p += roi_problems(d.roi, "data.roi")
-    if d.num_samples < 1:
-        p.append(f"data.num_samples: got {d.num_samples}, expected at least 1")
     if d.a_max <= d.a_min:
         p.append(f"data.a_max: got {d.a_max}, expected a value above data.a_min ({d.a_min})")
     if d.spacing is not None and any(v <= 0 for v in d.spacing):
         p.append(f"data.spacing: got {list(d.spacing)}, expected three positive spacings in mm")
-    if not 0.0 < d.cache_rate <= 1.0:
-        p.append(f"data.cache_rate: got {d.cache_rate}, expected a value in (0, 1]")
-    if d.min_size < 1:
-        p.append(f"data.min_size: got {d.min_size}, expected at least 1 voxel")
-    if d.num_workers < 0:
-        p.append(f"data.num_workers: got {d.num_workers}, expected 0 or more")
-    if d.demo_volumes < 2:
-        p.append(f"data.demo_volumes: got {d.demo_volumes}, expected at least 2 (one for validation)")
     for i, dl in enumerate(d.datalists):
         if not dl.json:
             p.append(f"data.datalists[{i}].json: missing; expected the path of a dataset JSON file")
@@ -438,72 +515,21 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             p.append(f"data.datalists[{i}].json: file {dl.json} not found")
         if dl.root and check_files and not Path(dl.root).is_dir():
             p.append(f"data.datalists[{i}].root: folder {dl.root} not found")
-    for name in ("rotation_weight", "contrastive_weight", "reconstruction_weight"):
-        if getattr(s, name) < 0:
-            p.append(f"ssl.{name}: got {getattr(s, name)}, expected 0 or more")
-    if s.temperature <= 0:
-        p.append(f"ssl.temperature: got {s.temperature}, expected a positive number (reference: 0.5)")
-    if s.grad_cache_chunk < 0:
-        p.append(f"ssl.grad_cache_chunk: got {s.grad_cache_chunk}, expected 0 (off) or the views per chunk (>= 1)")
-    if s.negative_queue < 0:
-        p.append(f"ssl.negative_queue: got {s.negative_queue}, expected 0 (off) or the queued negatives (>= 1)")
-    if s.contrastive_dim < 1:
-        p.append(f"ssl.contrastive_dim: got {s.contrastive_dim}, expected at least 1 (reference: 512)")
-    if not 0.0 <= s.max_drop <= 1.0:
-        p.append(f"ssl.max_drop: got {s.max_drop}, expected a fraction in [0, 1]")
     if not 0.0 < s.min_block <= s.max_block <= 1.0:
         p.append(f"ssl.min_block/max_block: got {s.min_block}/{s.max_block}, expected 0 < min_block <= max_block <= 1")
-    if o.lr <= 0:
-        p.append(f"optim.lr: got {o.lr}, expected a positive learning rate")
-    if o.weight_decay < 0:
-        p.append(f"optim.weight_decay: got {o.weight_decay}, expected 0 or more")
-    if not 0.0 <= o.momentum < 1.0:
-        p.append(f"optim.momentum: got {o.momentum}, expected a value in [0, 1) (reference: 0.9)")
-    if o.poly_power <= 0:
-        p.append(f"optim.poly_power: got {o.poly_power}, expected a positive exponent (reference: 0.9)")
-    if o.warmup_steps < 0:
-        p.append(f"optim.warmup_steps: got {o.warmup_steps}, expected 0 or more")
-    if t.batch_size < 1:
-        p.append(f"train.batch_size: got {t.batch_size}, expected at least 1")
-    if t.grad_accum < 1:
-        p.append(f"train.grad_accum: got {t.grad_accum}, expected at least 1")
-    if t.num_steps < 1:
-        p.append(f"train.num_steps: got {t.num_steps}, expected at least 1")
-    if t.eval_num < 1:
-        p.append(f"train.eval_num: got {t.eval_num}, expected at least 1")
-    if t.keep_checkpoints < 1:
-        p.append(f"train.keep_checkpoints: got {t.keep_checkpoints}, expected at least 1")
-    if not t.collective_timeout_minutes > 0:
-        p.append(
-            f"train.collective_timeout_minutes: got {t.collective_timeout_minutes}, expected a positive number of "
-            "minutes (default 30)"
-        )
-    if t.max_bad_steps < 1:
-        p.append(f"train.max_bad_steps: got {t.max_bad_steps}, expected at least 1")
-    if t.log_every < 1:
-        p.append(f"train.log_every: got {t.log_every}, expected at least 1")
-    if t.max_val_batches is not None and t.max_val_batches < 1:
-        p.append(f"train.max_val_batches: got {t.max_val_batches}, expected at least 1 or null (all)")
     if check_files and Path(t.logdir).exists() and not Path(t.logdir).is_dir():
         p.append(f"train.logdir: {t.logdir} is a file, not a folder; expected a (new or existing) folder")
-    if t.checkpoint_every_minutes is not None and t.checkpoint_every_minutes <= 0:
-        p.append(
-            f"train.checkpoint_every_minutes: got {t.checkpoint_every_minutes}, expected a positive number or null"
-        )
     for i, name in enumerate(t.preempt_signals):
         if name in ("SIGKILL", "SIGSTOP") or not isinstance(getattr(signal, str(name), None), signal.Signals):
             p.append(
                 f"train.preempt_signals[{i}]: got {json.dumps(name)}, expected a signal name that can be caught, "
                 'e.g. "SIGTERM", "SIGUSR1", "SIGUSR2"'
             )
-    if t.grad_clip is not None and t.grad_clip <= 0:
-        p.append(f"train.grad_clip: got {t.grad_clip}, expected a positive norm or null")
     if t.resume and t.resume != "auto" and check_files and not Path(t.resume).exists():
         p.append(f'train.resume: {t.resume} not found; expected a checkpoint file or folder, or "auto"')
     if cfg.ds_config and check_files and not Path(cfg.ds_config).is_file():
         p.append(f"ds_config: file {cfg.ds_config} not found")
-    p += _validate_finetune(cfg.finetune, check_files)
-    return p
+    return p + _validate_finetune(cfg.finetune, check_files)
 
 
 def _validate_finetune(f: FinetuneConfig, check_files: bool) -> list[str]:
@@ -522,10 +548,8 @@ def _validate_finetune(f: FinetuneConfig, check_files: bool) -> list[str]:
         p.append(
             f"finetune.dice_weight/ce_weight: got {f.dice_weight}/{f.ce_weight}, expected non-negative, not both 0"
         )
-    if not 0.0 <= f.pos_fraction <= 1.0:
-        p.append(f"finetune.pos_fraction: got {f.pos_fraction}, expected a fraction in [0, 1]")
-    if f.sw_batch_size < 1:
-        p.append(f"finetune.sw_batch_size: got {f.sw_batch_size}, expected at least 1")
-    if not 0.0 <= f.sw_overlap < 1.0:
-        p.append(f"finetune.sw_overlap: got {f.sw_overlap}, expected a fraction in [0, 1)")
     return p
+
+
+if __name__ == "__main__":
+    print(key_reference())

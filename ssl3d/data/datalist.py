@@ -11,7 +11,6 @@ the file nor the entry, which is what a user needs to fix a list of thousands of
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -151,4 +150,4 @@ def resolve_data_config(cfg: Config) -> DataConfig:
     demo_dir = Path(d.demo_dir or Path(cfg.train.logdir).parent / "demo_data")  # as ssl3d.trainer writes it
     path = write_demo_dataset(demo_dir, n_volumes=d.demo_volumes, seed=cfg.train.seed)
     log.info("data.datalists is empty: using %d synthetic demo volumes from %s", d.demo_volumes, path)
-    return dataclasses.replace(d, datalists=[DatalistConfig(json=str(path))])
+    return d.model_copy(update={"datalists": [DatalistConfig(json=str(path))]})

@@ -120,7 +120,7 @@ def reconcile_model_config(m: ModelConfig, source: InitSource, explicit: set[str
             notes.append(f"model.{key} = {_show(want)} from {where}")
     if problems:
         raise ConfigError(problems)
-    return dataclasses.replace(m, **changes), notes
+    return m.model_copy(update=changes), notes
 
 
 def _show(v: Any) -> str:

@@ -296,12 +296,15 @@ def training_step(
     *,
     autocast_dtype: torch.dtype | None = None,
     phase: Callable[[str], None] = no_phase,
+    objective: Any = None,
 ) -> Tensor:
     """The trainer's step (``ssl3d.step.run_step`` with the task's objective) on ready-made inputs
-    (``make_step_inputs``), on one process with plain autograd: forward, losses, backward, optimizer step."""
+    (``make_step_inputs``), on one process with plain autograd: forward, losses, backward, optimizer step.
+    ``objective``: one built beforehand (the trace registers the state it keeps across steps); default: a fresh
+    ``step.task.objective(step)``."""
     device_type = next(iter(inputs.values())).device.type
     backend = LocalBackend(optimizer, autocast_dtype, device_type)
-    objective = step.task.objective(step)
+    objective = step.task.objective(step) if objective is None else objective
     losses, _ = run_step(model, objective, [step.task.batch_from_inputs(inputs)], backend, phase=phase)
     return losses[0]["total"]
 
@@ -396,6 +399,7 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
         optimizer = build_optimizer(OptimConfig(), params, foreach=cuda)
         step = dataclasses.replace(step, model=model_from_key(key))  # the cached step came without its model
         inputs = make_step_inputs(step, "cpu")
+        objective = step.task.objective(step)
         with simulate_offload(tracker.host) if cuda else contextlib.nullcontext():
             # Steady state: the optimizer's states exist before the measured step (one step on zero gradients
             # creates them at a fraction of the cost of a traced training step).
@@ -404,10 +408,20 @@ def _trace_cached(key: str, step: StepSettings, cuda: bool) -> StepTrace:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tracker.register_step_state(model, optimizer, inputs)
+            # What the objective keeps across steps (pre-training's queue of negatives, full: the steady state) is
+            # per-rank state, never sharded: counted with the buffers.
+            for t in getattr(objective, "state_tensors", list)():
+                tracker.register(t, "buffers")
             with tracker, _RealIndexTensors(), rules:
                 tracker.mark()
                 training_step(
-                    model, optimizer, inputs, step, autocast_dtype=DTYPES[step.precision], phase=tracker.set_phase
+                    model,
+                    optimizer,
+                    inputs,
+                    step,
+                    autocast_dtype=DTYPES[step.precision],
+                    phase=tracker.set_phase,
+                    objective=objective,
                 )
                 tracker.mark()
             tracker.remove_hooks()
@@ -428,6 +442,7 @@ def step_settings(
     contrastive_dim: int = 512,
     grad_cache_chunk: int = 0,
     num_classes: int = 14,
+    negative_queue: int = 0,
     *,
     task: Any = None,
 ) -> StepSettings:
@@ -440,7 +455,7 @@ def step_settings(
             raise ConfigError("task: missing; give the task whose step is estimated (ssl3d.tasks.get_task)")
         model = StepSettings(
             model, roi, batch_size, num_samples, precision, policy, fused_attention, two_passes, contrastive_dim,
-            grad_cache_chunk, num_classes, task=task,
+            grad_cache_chunk, num_classes, negative_queue, task=task,
         )  # fmt: skip
     s = model
     problem = s.task.check_settings(s)
@@ -450,6 +465,8 @@ def step_settings(
         raise ConfigError(f'precision: got "{s.precision}", expected fp32, bf16 or fp16')
     if s.batch_size < 1 or s.num_samples < 1:
         raise ConfigError(f"batch_size/num_samples: got {s.batch_size}/{s.num_samples}, expected at least 1 each")
+    if s.negative_queue < 0:
+        raise ConfigError(f"negative_queue: got {s.negative_queue}, expected 0 (off) or the queued negatives (>= 1)")
     return dataclasses.replace(
         s,
         roi=normalize_roi(s.roi),
@@ -460,6 +477,7 @@ def step_settings(
         two_passes=bool(s.two_passes),
         grad_cache_chunk=int(s.grad_cache_chunk),
         num_classes=int(s.num_classes),
+        negative_queue=int(s.negative_queue),
     )
 
 
@@ -657,7 +675,9 @@ def estimate_memory(
     ``profile_memory`` measures; plus ``process_baseline`` (default: measured once per environment, see
     ``ssl3d.memory.process``) it is ``process_peak``, the whole process's peak RSS that ``top`` shows.
     ``two_passes`` reproduces the reference (one forward per view); ``grad_cache_chunk`` the trainer's
-    contrastive gradient caching (``ssl.grad_cache_chunk`` views per forward/backward).
+    contrastive gradient caching (``ssl.grad_cache_chunk`` views per forward/backward); ``negative_queue`` the queue
+    of negatives (``ssl.negative_queue``): its ``negative_queue x contrastive_dim`` fp32 buffer under buffers, and
+    the loss's extra ``[views, negative_queue]`` logits where the trace meets them.
     """
     step = step_settings(model, *step_args, **step_kw)
     trace = trace_step(step, device=device)
@@ -709,7 +729,7 @@ def estimate_memory(
         breakdown["process_peak"] = breakdown["total"] + baseline
         notes.append(ALLOCATOR_NOTE)
     config = {
-        "model": dataclasses.asdict(step.model),
+        "model": step.model.model_dump(),
         "roi": list(step.roi),
         "batch_size": step.batch_size,
         "num_samples": step.num_samples,
@@ -723,6 +743,7 @@ def estimate_memory(
         "device": device,
         "two_passes": step.two_passes,
         "grad_cache_chunk": step.grad_cache_chunk,
+        "negative_queue": step.negative_queue,
         "task": step.task.name,
         "task_label": step.task.describe(step.num_classes),
         "num_classes": step.num_classes if step.task.needs_classes else None,

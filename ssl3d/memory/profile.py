@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import dataclasses
 import json
 import os
 import pickle
@@ -222,7 +221,7 @@ def profile_memory(
     result: dict[str, Any] = {
         "device": str(dev) if not cuda else torch.cuda.get_device_name(dev),
         "config": {
-            "model": dataclasses.asdict(step_cfg.model),
+            "model": step_cfg.model.model_dump(),
             "roi": list(step_cfg.roi),
             "batch_size": step_cfg.batch_size,
             "num_samples": step_cfg.num_samples,
@@ -231,6 +230,7 @@ def profile_memory(
             "fused_attention": step_cfg.fused_attention,
             "two_passes": step_cfg.two_passes,
             "grad_cache_chunk": step_cfg.grad_cache_chunk,
+            "negative_queue": step_cfg.negative_queue,
             "task": task.name,
             "task_label": task.describe(step_cfg.num_classes),
             "num_classes": step_cfg.num_classes if task.needs_classes else None,
@@ -287,7 +287,7 @@ def profile_in_subprocess(timeout: float | None = None, **kwargs: Any) -> dict[s
     """
     args = dict(kwargs)
     if isinstance(args.get("model"), ModelConfig):
-        args["model"] = dataclasses.asdict(args["model"])
+        args["model"] = args["model"].model_dump()
     if isinstance(args.get("policy"), CheckpointPolicy):
         args["policy"] = args["policy"].to_dict()
     # The task object travels as it is (the child imports its class when unpickling it).

@@ -6,7 +6,6 @@ The estimator traces copies of it; the strategy presets count its parameters to 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from typing import Any
@@ -53,7 +52,7 @@ def model_from_key(key: str) -> ModelConfig:
 
 def model_key(cfg: ModelConfig) -> str:
     """A hashable key for ``meta_model`` (initial weights do not change shapes)."""
-    d = dataclasses.asdict(cfg)
+    d = cfg.model_dump()
     d["init_weights"] = None
     return json.dumps(d, sort_keys=True)
 

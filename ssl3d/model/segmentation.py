@@ -6,8 +6,6 @@ the encoder at ``swinViT``. Pure model code: how they are initialised from pre-t
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
@@ -40,7 +38,7 @@ class ProbeModel(nn.Module):
 
     def __init__(self, m: ModelConfig, num_classes: int):
         super().__init__()
-        self.swinViT = build_encoder(dataclasses.replace(m, use_checkpoint=False))
+        self.swinViT = build_encoder(m.model_copy(update={"use_checkpoint": False}))
         self.swinViT.requires_grad_(False)
         widths = [m.feature_size * 2**i for i in range(5)]  # patch embedding + four stages
         self.heads = nn.ModuleList(nn.Conv3d(w, num_classes, kernel_size=1) for w in widths)

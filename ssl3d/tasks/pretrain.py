@@ -8,7 +8,6 @@ the pretext losses and the collapse monitors; the lowest validation reconstructi
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +52,18 @@ class PretrainTask(Task):
         return build_model(model, contrastive_dim)
 
     def objective(self, settings: Any, generator: torch.Generator | None = None) -> SSLTask:
-        return SSLTask(
-            SSLLoss(), generator=generator, grad_cache_chunk=settings.grad_cache_chunk, two_passes=settings.two_passes
+        """The memory tools' step; with a queue of negatives the queue starts full (zeros), the steady state a step
+        after the first ``negative_queue`` views, so the trace and the profiler meet its buffer and extra logits."""
+        task = SSLTask(
+            SSLLoss(),
+            generator=generator,
+            grad_cache_chunk=settings.grad_cache_chunk,
+            two_passes=settings.two_passes,
+            negative_queue=settings.negative_queue,
         )
+        if task.queue is not None:
+            task.queue.enqueue(torch.zeros(settings.negative_queue, settings.contrastive_dim))
+        return task
 
     def step_inputs(self, settings: Any, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """The crops [N], both views [2N], their corrupted copies [2N] and the rotation labels."""
@@ -93,7 +101,7 @@ class PretrainTask(Task):
 
     def run_model(self, cfg: Config, is_main: bool) -> nn.Module:
         # MONAI's own flag stays off: checkpointing is applied from outside, one mechanism for every backend.
-        model = build_model(dataclasses.replace(cfg.model, use_checkpoint=False), cfg.ssl.contrastive_dim)
+        model = build_model(cfg.model.model_copy(update={"use_checkpoint": False}), cfg.ssl.contrastive_dim)
         if cfg.model.init_weights:
             missing = load_init_weights(model, Path(cfg.model.init_weights))
             if is_main:

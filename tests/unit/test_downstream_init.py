@@ -7,8 +7,6 @@ from a random encoder without an error.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -92,7 +90,7 @@ def test_feature_size_set_against_the_export_is_an_error_naming_both(tmp_path) -
     _, path = exported(tmp_path, TINY)
     source = read_init(str(path))
     with pytest.raises(ConfigError, match=r"model_swinvit.pt: feature_size 12 .* model.feature_size is 24"):
-        reconcile_model_config(dataclasses.replace(TINY, feature_size=24), source, explicit={"model.feature_size"})
+        reconcile_model_config(TINY.model_copy(update={"feature_size": 24}), source, explicit={"model.feature_size"})
 
 
 def _rewrite(path, edit) -> None:

@@ -3,7 +3,6 @@ reference's model (the config's defaults, which are the seed's) on any machine, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shlex
@@ -106,6 +105,6 @@ def test_the_demo_is_still_the_demo(tmp_path):
 def test_memory_commands_without_a_config_size_the_reference_run(command):
     argv = ["memory", command] + (["--budget", "32GiB"] if command == "plan" else [])
     step, _ = memory_setting(make_parser().parse_args([*argv, "--device", "cpu"]))
-    model = dataclasses.asdict(step.model)
+    model = step.model.model_dump()
     assert model["feature_size"] == 48 and list(model["depths"]) == [2, 2, 2, 2]
     assert list(step.roi) == [96, 96, 96] and step.batch_size == 2
