@@ -240,15 +240,18 @@ def type_name(tp: Any) -> str:
         )
         plural = {int: "integers", float: "numbers", str: "strings"}.get(element, "items")
         return f"a list of {'objects' if 'object' in type_name(args[0]) else plural}" if args else "a list"
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
+    if (isinstance(tp, type) and issubclass(tp, BaseModel)) or origin is dict:
         return "an object"
+    if tp is Any:
+        return "any value"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
         tp, str(tp)
     )
 
 
-def _limits_text(info: Any) -> str:
-    b = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+def _limits_text(metadata: Sequence[Any]) -> str:
+    get = lambda m, k: m.get(k) if isinstance(m, dict) else getattr(m, k, None)  # noqa: E731
+    b = {k: get(m, k) for m in metadata for k in ("ge", "gt", "le", "lt") if get(m, k) is not None}
     if (lo := b.get("ge", b.get("gt"))) is not None and (hi := b.get("le", b.get("lt"))) is not None:
         return f"a value in {'[' if 'ge' in b else '('}{lo}, {hi}{']' if 'le' in b else ')'}"
     if "gt" in b:
@@ -256,22 +259,28 @@ def _limits_text(info: Any) -> str:
     return "0 or more" if b.get("ge") == 0 else f"at least {b.get('ge')}"
 
 
-def _walk(root: type[BaseModel], loc: Sequence[str | int]) -> tuple[Any, Any]:
-    """(the field info, the type) at ``loc`` below ``root``; unions with null are looked through."""
+def _walk(root: type[BaseModel], loc: Sequence[str | int]) -> tuple[Any, Any, tuple[str | int, ...]]:
+    """(the field info, the type, the key path) at pydantic's ``loc`` below ``root``; unions with null are looked
+    through, and the member names pydantic adds below other unions are dropped from the path."""
     tp: Any = root
-    info = None
-    for part in loc:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) in (types.UnionType, typing.Union) and len(args) == 1:
-            tp = args[0]
+    info, path, parts = None, [], list(loc)
+    while parts:
+        part = parts.pop(0)
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (types.UnionType, typing.Union):
+            if len(members) > 1:
+                tp = Any  # ``part`` names the member pydantic tried: not a key
+                continue
+            tp = members[0]
         if typing.get_origin(tp) is Annotated:
             tp = typing.get_args(tp)[0]
+        path.append(part)
         if isinstance(part, int) or not (isinstance(tp, type) and issubclass(tp, BaseModel)):
             tp = typing.get_args(tp)[0] if typing.get_args(tp) else Any
         else:
             info = tp.model_fields.get(part)
             tp = info.annotation if info else Any
-    return info, tp
+    return info, tp, tuple(path)
 
 
 def dotted(loc: Sequence[str | int], prefix: str = "") -> str:
@@ -297,35 +306,35 @@ def _position(tree: Any, loc: Sequence[str | int]) -> tuple[int, ...]:
     return tuple(out)
 
 
+LIMITS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
 def problem_lines(exc: ValidationError, root: type[BaseModel], tree: Any, prefix: str = "") -> list[str]:
-    """One line per pydantic error on the input ``tree``: the dotted key, the value and what would work."""
-    errors = sorted(exc.errors(), key=lambda e: _position(tree, e["loc"]))
+    """One line per key with a problem in the input ``tree``: the dotted key, the value and what would work."""
+    by_key: dict[tuple[str | int, ...], list[dict[str, Any]]] = {}
+    for err in exc.errors():
+        by_key.setdefault(_walk(root, err["loc"])[2], []).append(err)
     lines = []
-    for err in errors:
-        loc, kind, value = err["loc"], err["type"], err.get("input")
-        where, got = dotted(loc, prefix), json.dumps(value, default=str)
+    for loc in sorted(by_key, key=lambda k: _position(tree, k)):
+        errs = by_key[loc]
+        err = next((e for e in errs if e["type"] in LIMITS), errs[0])  # a union's member that got the type right
+        kind, where, got = err["type"], dotted(loc, prefix), json.dumps(err.get("input"), default=str)
+        info, tp, _ = _walk(root, loc)
         if kind == "extra_forbidden":
-            _, parent = _walk(root, loc[:-1])
-            names = list(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+            model = _section_model(_walk(root, loc[:-1])[1]) if loc[:-1] else root
+            names = list(model.model_fields) if model else []
             lines.append(f"{where}: unknown key; {did_you_mean(str(loc[-1]), names)}valid keys: {', '.join(names)}")
-            continue
-        if kind in ("too_short", "too_long") and any(
-            len(e["loc"]) > len(loc) and e["loc"][: len(loc)] == loc for e in errors
-        ):
-            continue  # a bad element is named on its own line
-        info, tp = _walk(root, loc)
-        if kind in ("too_short", "too_long"):
-            n = err["ctx"]["min_length" if kind == "too_short" else "max_length"]
-            lines.append(f"{where}: got {got}, expected a list of {n} numbers")
-            continue
-        if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info is not None:
-            expect = (info.json_schema_extra or {}).get("expect") or _limits_text(info)
+        elif kind in ("too_short", "too_long"):
+            if not any(len(k) > len(loc) and k[: len(loc)] == loc for k in by_key):  # else a bad element says it
+                n = err["ctx"]["min_length" if kind == "too_short" else "max_length"]
+                lines.append(f"{where}: got {got}, expected a list of {n} numbers")
+        elif kind in LIMITS and info is not None:
+            expect = (info.json_schema_extra or {}).get("expect") or _limits_text(info.metadata or [err["ctx"]])
+            lines.append(f"{where}: got {got}, expected {expect}")
         else:
-            expect = type_name(tp)
-            options = [str(a) for a in typing.get_args(tp)] if typing.get_origin(tp) is Literal else []
-            close = difflib.get_close_matches(str(value), options, n=1)
-            expect += f" (did you mean {json.dumps(close[0])}?)" if close else ""
-        lines.append(f"{where}: got {got}, expected {expect}")
+            literals = [a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is Literal]
+            hint = did_you_mean(str(err.get("input")), [str(o) for lit in literals for o in typing.get_args(lit)])
+            lines.append(f"{where}: got {got}, expected {type_name(tp)}" + (f" ({hint.strip()})" if hint else ""))
     return lines
 
 
@@ -353,7 +362,7 @@ def checked(root: type[BaseModel], tree: dict[str, Any], prefix: str = "") -> tu
         except ValidationError as exc:
             problems += problem_lines(exc, root, tree, prefix)
             for err in exc.errors():
-                _without(tree, err["loc"])
+                _without(tree, _walk(root, err["loc"])[2])
     return root(), problems  # pragma: no cover - each round removes what failed
 
 
@@ -362,24 +371,31 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return checked(Config, tree)[0]
 
 
-def key_reference() -> str:
-    """Every run-config key with its type, default and documentation, as the Markdown of ``docs/config.md``."""
-    intro = "Generated from `ssl3d/config.py` (`python -m ssl3d.config`); a test keeps it in sync."
-    out = ["# Run-config reference", "", intro + " Every key is optional; the defaults are the reference's.", ""]
-    for section, info in Config.model_fields.items():
-        tp = info.annotation
-        if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
-            out += [f"`{section}` ({type_name(tp)}, default `{json.dumps(info.default)}`): {info.description}.", ""]
-            continue
-        title = (tp.__doc__ or "").splitlines()[0].replace("``", "`")
-        out += [f"## `{section}`: {title}", "", "| key | type | default | meaning |"]
-        out += ["| --- | --- | --- | --- |"]
-        for name, f in tp.model_fields.items():
+def _section_model(tp: Any) -> type[BaseModel] | None:
+    args = [a for a in (tp, *typing.get_args(tp)) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return args[0] if args else None
+
+
+def key_reference(root: type[BaseModel] | None = None, title: str = "Run-config reference") -> str:
+    """Every key of ``root`` (default: the run config) with its type, default and documentation, as Markdown: one
+    table per section. ``docs/config.md`` is this page; a test keeps it in sync."""
+    root = root or Config
+    out = [f"# {title}", "", f"Generated from `{root.__module__}.{root.__name__}` (`python -m ssl3d.reference`).", ""]
+    sections: list[tuple[str, type[BaseModel]]] = [("", root)]
+    for prefix, model in sections:
+        rows = []
+        for name, f in model.model_fields.items():
+            if inner := _section_model(f.annotation):
+                sections.append((f"{prefix}{name}{'[i]' if typing.get_origin(f.annotation) is list else ''}.", inner))
+            if inner and not prefix and root is Config:
+                continue
             default = f.get_default(call_default_factory=True)
             default = default.model_dump() if isinstance(default, BaseModel) else default
             kind = type_name(f.annotation).replace("|", "\\|")
-            out.append(f"| `{section}.{name}` | {kind} | `{json.dumps(default)}` | {f.description} |")
-        out.append("")
+            rows.append(f"| `{prefix}{name}` | {kind} | `{json.dumps(default)}` | {f.description} |")
+        heading = (model.__doc__ or "").splitlines()[0].replace("``", "`") if model.__doc__ else ""
+        out += [f"## `{prefix.rstrip('.') or 'top level'}`{': ' + heading if heading and prefix else ''}", ""]
+        out += ["| key | type | default | meaning |", "| --- | --- | --- | --- |", *rows, ""]
     return "\n".join(out)
 
 
@@ -549,7 +565,3 @@ def _validate_finetune(f: FinetuneConfig, check_files: bool) -> list[str]:
             f"finetune.dice_weight/ce_weight: got {f.dice_weight}/{f.ce_weight}, expected non-negative, not both 0"
         )
     return p
-
-
-if __name__ == "__main__":
-    print(key_reference())

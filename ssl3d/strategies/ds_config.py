@@ -3,67 +3,36 @@
 One vocabulary covers single-process, DDP, FSDP2, DeepSpeed ZeRO and fairscale runs. DeepSpeed itself silently
 ignores a misspelled section (``zero_optimisation`` quietly means stage 0) and happily accepts batch sizes that
 disagree with the training loop, so everything here is checked before any process group or engine exists: the
-ZeRO, offload, bf16 and fp16 sections by DeepSpeed's own pydantic models (``deepspeed_schema``), the other sections
-against the keys ssl3d reads, and all of it against the run config. Every problem is collected and raised as one
-``ConfigError``.
+top level and ssl3d's own sections by the ``Preset`` model below, the ZeRO, offload, bf16 and fp16 sections by
+DeepSpeed's own pydantic models (``deepspeed_schema``), and all of it against the run config. Every problem is
+collected and raised as one ``ConfigError``; keys starting with ``_`` are comments.
 
-ssl3d extensions (removed before the dict reaches DeepSpeed):
-
-- ``"strategy"``: ``single | ddp | fsdp | deepspeed | fairscale``; default ``deepspeed`` when
-  ``zero_optimization`` is present, else ``ddp`` (``single`` on one process);
-- ``"fsdp"``: ``{"reshard_after_forward": true, "cpu_offload": false, "shard": "block" | "stage"}``;
-- ``"gather_contrastive"``: gather contrastive embeddings from all ranks so the loss sees the global batch;
-- any key starting with ``_`` is a comment.
-
-``"auto"`` values are filled from the run config: micro batch = ``train.batch_size``, accumulation =
-``train.grad_accum``, clipping = ``train.grad_clip``, ``bf16``/``fp16`` from ``train.precision``. An explicit value
-that contradicts the run config is an error; ``"auto"`` in a ZeRO tuning knob means DeepSpeed's default, except for
-the bucket sizes, where it means the model's parameter count (DeepSpeed's default 5e8 elements would allocate
-1.9 GiB per bucket for a 19 M-parameter model).
+``"auto"`` values are filled by one fill-and-match step (``fill_match``): micro batch = ``train.batch_size``,
+accumulation = ``train.grad_accum``, clipping = ``train.grad_clip``, ``bf16``/``fp16`` from ``train.precision``; an
+explicit value that contradicts the run config is an error. ``"auto"`` in a ZeRO tuning knob means DeepSpeed's
+default, except for the bucket sizes, where it means the model's parameter count (DeepSpeed's default 5e8 elements
+would allocate 1.9 GiB per bucket for a 19 M-parameter model).
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from ssl3d.config import Config, ConfigError, read_json
+from pydantic import ConfigDict, Field
 
-BACKENDS = ("single", "ddp", "fsdp", "deepspeed", "fairscale")
+from ssl3d.config import Config, ConfigError, Int, Section, checked, did_you_mean, read_json
+from ssl3d.config import key as doc_key
+
+Backend = Literal["single", "ddp", "fsdp", "deepspeed", "fairscale"]
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 NO_FP16 = ("fairscale",)  # backends without an fp16 loss scaler in ssl3d: "auto" means fp32 there on pre-Ampere GPUs
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-# Top-level sections ssl3d understands. DeepSpeed knows more; those are refused rather than silently dropped.
-TOP_LEVEL_KEYS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "bf16",
-    "fp16",
-    "zero_optimization",
-    "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer",
-    "activation_checkpointing",
-    "torch_autocast",
-    "aio",
-    "data_types",
-    "steps_per_print",
-    "wall_clock_breakdown",
-    "optimizer",
-    "scheduler",
-    # ssl3d extensions
-    "strategy",
-    "fsdp",
-    "gather_contrastive",
-)
 SSL3D_KEYS = ("strategy", "fsdp", "gather_contrastive")
 REFUSED_KEYS = ("optimizer", "scheduler")  # ssl3d builds both from the run config
-
 ZERO_AUTO_KNOBS = (
     "reduce_bucket_size",
     "allgather_bucket_size",
@@ -74,11 +43,78 @@ ZERO_AUTO_KNOBS = (
     "stage3_max_live_parameters",
     "stage3_max_reuse_distance",
 )
-FSDP_KEYS = ("reshard_after_forward", "cpu_offload", "shard")
-TORCH_AUTOCAST_KEYS = ("enabled", "dtype", "lower_precision_safe_modules")
 # DeepSpeed's spellings of bf16 (its DtypeEnum); fp16 goes through the fp16 section, which scales the loss under ZeRO.
 TORCH_AUTOCAST_BF16 = ("bf16", "bfloat16", "torch.bfloat16")
-AIO_KEYS = ("block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events", "use_gds")
+Auto = Literal["auto"]
+Positive = Annotated[Int, Field(ge=1)]
+Flag = bool | None
+
+
+class FSDPOptions(Section):
+    """FSDP2 (``fully_shard``) options: the preset's ``fsdp`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reshard_after_forward: bool = doc_key(True, "free the gathered parameters after each unit's forward (like ZeRO-3)")
+    cpu_offload: bool = doc_key(False, "keep parameters, gradients and optimizer states on the CPU")
+    shard: Literal["block", "stage"] = doc_key("block", "one FSDP unit per Swin block, or per stage")
+
+
+class TorchAutocast(Section):
+    """DeepSpeed's ``torch_autocast`` section: fp32 weights, the engine's forward under ``torch.autocast`` (bf16)."""
+
+    enabled: bool = doc_key(False, "autocast the engine's forward")
+    dtype: str = doc_key("bfloat16", '"bfloat16"; for fp16 use the fp16 section, whose loss scaler works under ZeRO')
+    lower_precision_safe_modules: list[str] | None = doc_key(None, "DeepSpeed's list of module types run in bf16")
+
+
+class DataTypes(Section):
+    """DeepSpeed's ``data_types`` section."""
+
+    grad_accum_dtype: Literal["fp32", "bf16", "fp16"] | None = doc_key(None, "dtype DeepSpeed accumulates gradients in")
+
+
+class AsyncIO(Section):
+    """DeepSpeed's NVMe I/O settings (``aio``)."""
+
+    block_size: Int | None = doc_key(None, "bytes per I/O request")
+    queue_depth: Int | None = doc_key(None, "requests in flight")
+    intra_op_parallelism: Int | None = doc_key(None, "threads per request")
+    single_submit: Flag = doc_key(None, "submit requests one by one")
+    overlap_events: Flag = doc_key(None, "overlap submission and completion")
+    use_gds: Flag = doc_key(None, "GPUDirect Storage")
+
+
+class Preset(Section):
+    """A preset's top level as ssl3d reads it: DeepSpeed's vocabulary plus ``strategy``, ``fsdp`` and
+    ``gather_contrastive``. The inside of ``zero_optimization``, ``bf16`` and ``fp16`` is DeepSpeed's to check."""
+
+    strategy: Backend | None = doc_key(None, "backend; default deepspeed with a zero_optimization section, else ddp")
+    train_batch_size: Positive | Auto = doc_key("auto", "global batch", 'a positive integer or "auto"')
+    train_micro_batch_size_per_gpu: Positive | Auto = doc_key(
+        "auto", "= train.batch_size", 'a positive integer or "auto"'
+    )
+    gradient_accumulation_steps: Positive | Auto = doc_key("auto", "= train.grad_accum", 'a positive integer or "auto"')
+    gradient_clipping: Annotated[float, Field(ge=0)] | Auto = doc_key(
+        "auto", "= train.grad_clip (0: off)", 'a norm >= 0 (0: off) or "auto"'
+    )
+    bf16: dict[str, Any] | None = doc_key(None, "DeepSpeed's bf16 section; enabled: true, false or auto")
+    fp16: dict[str, Any] | None = doc_key(None, "DeepSpeed's fp16 section (loss scaling); enabled: true, false or auto")
+    zero_optimization: dict[str, Any] | None = doc_key(None, "DeepSpeed's ZeRO section")
+    zero_allow_untested_optimizer: Flag = doc_key(None, "DeepSpeed flag")
+    zero_force_ds_cpu_optimizer: Flag = doc_key(None, "DeepSpeed flag")
+    activation_checkpointing: dict[str, Any] = doc_key({}, "ssl3d's checkpointing policy (ssl3d.memory), any backend")
+    torch_autocast: TorchAutocast | None = doc_key(None, "DeepSpeed's torch_autocast section")
+    aio: AsyncIO | None = doc_key(None, "DeepSpeed's NVMe I/O settings")
+    data_types: DataTypes = doc_key(DataTypes(), "DeepSpeed's data_types section")
+    steps_per_print: Positive | None = doc_key(None, "DeepSpeed's own printing (ssl3d logs itself)")
+    wall_clock_breakdown: Flag = doc_key(None, "DeepSpeed's timers")
+    optimizer: Any = doc_key(None, "refused: ssl3d builds the optimizer from the run config's optim section")
+    scheduler: Any = doc_key(None, "refused: ssl3d builds the schedule from the run config's optim section")
+    fsdp: FSDPOptions | None = doc_key(None, 'options of strategy "fsdp"')
+    gather_contrastive: bool = doc_key(
+        False, "gather contrastive embeddings from all ranks: the loss sees the global batch"
+    )
 
 
 @dataclass(frozen=True)
@@ -92,15 +128,6 @@ class Offload:
     @property
     def enabled(self) -> bool:
         return self.device in ("cpu", "nvme")
-
-
-@dataclass(frozen=True)
-class FSDPOptions:
-    """FSDP2 (``fully_shard``) options; ``shard``: one FSDP unit per Swin block or per stage."""
-
-    reshard_after_forward: bool = True
-    cpu_offload: bool = False
-    shard: str = "block"
 
 
 @dataclass(frozen=True)
@@ -128,77 +155,163 @@ class DSConfig:
     source: str = "<dict>"
 
 
-def _did_you_mean(key: str, valid: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'? " if close else ""
-
-
 def _js(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def _check_keys(section: dict[str, Any], valid: tuple[str, ...], prefix: str, problems: list[str]) -> None:
-    """Unknown keys -> one problem each, with a did-you-mean; keys starting with ``_`` are comments."""
-    shown = [k for k in valid if k not in REFUSED_KEYS]
-    for key in section:
-        if key.startswith("_") or key in valid:
-            continue
-        if prefix:
-            problems.append(f"{prefix}.{key}: unknown key; {_did_you_mean(key, shown)}valid keys: {', '.join(shown)}")
-        else:
-            problems.append(
-                f"{key}: unknown section (DeepSpeed would silently ignore it); {_did_you_mean(key, shown)}"
-                f"valid sections: {', '.join(shown)}"
-            )
+def _without_comments(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _without_comments(v) for k, v in tree.items() if not str(k).startswith("_")}
+    return [_without_comments(v) for v in tree] if isinstance(tree, list) else tree
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _resolve_count(raw: dict[str, Any], key: str, run_value: int, run_key: str, problems: list[str]) -> int:
-    """An integer that repeats a run-config value: ``auto``/absent takes it, an explicit mismatch is an error."""
-    value = raw.get(key, "auto")
+def fill_match(value: Any, run_value: Any, name: str, run_key: str, problems: list[str]) -> Any:
+    """The fill-and-match step for a preset value that repeats a run-config value: ``"auto"`` takes the run
+    config's, an explicit value must agree with it (one line naming both and the fix otherwise)."""
     if value == "auto":
         return run_value
-    if not _is_int(value) or value < 1:
-        problems.append(f'{key}: got {_js(value)}, expected a positive integer or "auto" (= {run_key})')
-        return run_value
     if value != run_value:
+        v = _js(value)
         problems.append(
-            f'{key}: got {value} but {run_key} is {run_value}; write "auto" or set {run_key}={value} '
-            f"(--set {run_key}={value})"
+            f'{name}: got {v} but {run_key} is {_js(run_value)}; write "auto" or set {run_key}={v} '
+            f"(--set {run_key}={v})"
         )
     return value
 
 
+def resolve_ds_config(
+    raw: dict[str, Any],
+    cfg: Config,
+    *,
+    world_size: int = 1,
+    device_type: str = "cpu",
+    auto_precision: str = "fp32",
+    source: str = "<dict>",
+) -> DSConfig:
+    """Check a ds_config dict against ``Preset``, DeepSpeed's models and the run config; fill every ``"auto"``.
+
+    ``auto_precision`` is what ``train.precision: "auto"`` means on this device (bf16 on recent GPUs, fp32 on
+    the CPU). Raises one ``ConfigError`` listing every problem; each section is checked by its own function.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"ds_config {source}: expected a JSON object at the top level")
+    raw = _without_comments(raw)
+    preset, problems = checked(Preset, raw)
+    problems = [_top_level_wording(line) for line in problems]
+    for name in REFUSED_KEYS:
+        if name in raw:
+            problems.append(
+                f"{name}: not allowed in a ds_config; ssl3d builds the optimizer and learning-rate schedule itself "
+                f"from the run config's optim section (optim.name, optim.lr, optim.schedule, ...)"
+            )
+    strategy = _resolve_backend(preset, "zero_optimization" in raw, world_size, problems)
+    t = cfg.train
+    micro = fill_match(
+        preset.train_micro_batch_size_per_gpu,
+        t.batch_size,
+        "train_micro_batch_size_per_gpu",
+        "train.batch_size",
+        problems,
+    )
+    accum = fill_match(
+        preset.gradient_accumulation_steps, t.grad_accum, "gradient_accumulation_steps", "train.grad_accum", problems
+    )
+    tbs = preset.train_batch_size
+    if tbs not in ("auto", micro * accum * world_size):
+        problems.append(
+            f"train_batch_size: got {tbs}, expected train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+            f'world size = {micro} x {accum} x {world_size} = {micro * accum * world_size}; write "auto" or fix one '
+            "of them"
+        )
+    tbs = micro * accum * world_size
+    clip = preset.gradient_clipping
+    clip = fill_match(
+        clip if clip == "auto" else (float(clip) or None), t.grad_clip, "gradient_clipping", "train.grad_clip", problems
+    )
+    notes: list[str] = []
+    if auto_precision == "fp16" and strategy in NO_FP16:
+        notes.append(
+            f'precision "auto": fp32 (this GPU has no native bf16, and strategy "{strategy}" has no fp16 loss scaler '
+            'in ssl3d; strategy "ddp", "fsdp" or "deepspeed" would train in fp16)'
+        )
+        auto_precision = "fp32"
+    precision, fp16_opts = _resolve_precision(preset, t.precision, auto_precision, problems)
+    torch_autocast = _resolve_torch_autocast(preset, t.precision, strategy, problems)
+    if torch_autocast:
+        precision = "bf16"
+    _check_precision_support(raw, precision, strategy, device_type, problems)
+    stage, off_opt, off_par, zero = _resolve_zero(preset.zero_optimization, problems)
+    if zero is not None and stage > 0:
+        _fill_bucket_sizes(preset.zero_optimization or {}, zero, cfg)
+    _check_zero_backend(zero, stage, off_opt.enabled or off_par.enabled, off_opt.enabled, strategy, problems)
+    if device_type == "cuda" and "nvme" in (off_opt.device, off_par.device):
+        problems += _nvme_toolkit_problems()
+    _check_grad_accum_dtype(preset.data_types.grad_accum_dtype, strategy, precision, stage, problems)
+    if preset.fsdp is not None and strategy != "fsdp":
+        problems.append(f'fsdp: options for strategy "fsdp", but strategy is "{strategy}"; remove it or switch')
+    problems += _check_activation_checkpointing(preset.activation_checkpointing)
+    if problems:
+        raise ConfigError([f"ds_config {source}: {p}" for p in problems])
+    return DSConfig(
+        strategy=strategy,
+        world_size=world_size,
+        micro_batch_size=micro,
+        grad_accum=accum,
+        train_batch_size=tbs,
+        gradient_clipping=clip,
+        precision=precision,
+        zero_stage=stage,
+        offload_optimizer=off_opt,
+        offload_param=off_par,
+        fsdp=preset.fsdp or FSDPOptions(),
+        activation_checkpointing=preset.activation_checkpointing,
+        gather_contrastive=preset.gather_contrastive,
+        torch_autocast=torch_autocast,
+        notes=tuple(notes),
+        fp16=fp16_opts,
+        deepspeed=_deepspeed_dict(raw, micro, accum, tbs, clip, precision, fp16_opts, zero, torch_autocast),
+        source=source,
+    )
+
+
+def _top_level_wording(line: str) -> str:
+    """An unknown top-level key is a section DeepSpeed would ignore; the refused sections are not offered."""
+    name, sep, rest = line.partition(": unknown key; ")
+    if not sep or "." in name or "[" in name:
+        return line
+    valid = [k for k in Preset.model_fields if k not in REFUSED_KEYS]
+    return (
+        f"{name}: unknown section (DeepSpeed would silently ignore it); {did_you_mean(name, valid)}"
+        f"valid sections: {', '.join(valid)}"
+    )
+
+
+def _resolve_backend(preset: Preset, has_zero: bool, world_size: int, problems: list[str]) -> str:
+    """``strategy``, or the backend the other sections imply (deepspeed with a ZeRO section, else ddp/single)."""
+    strategy = preset.strategy or ("deepspeed" if has_zero else ("ddp" if world_size > 1 else "single"))
+    if strategy == "single" and world_size > 1:
+        problems.append(
+            f'strategy: "single" runs one process but WORLD_SIZE is {world_size}; use "ddp" (or fsdp/deepspeed)'
+        )
+    return strategy
+
+
 def _resolve_precision(
-    raw: dict[str, Any], run_precision: str, auto_precision: str, problems: list[str]
+    preset: Preset, run_precision: str, auto_precision: str, problems: list[str]
 ) -> tuple[str, dict[str, Any]]:
     """fp32/bf16/fp16 from the ``bf16``/``fp16`` sections and ``train.precision``; returns fp16 options too."""
     asked: dict[str, Any] = {}
-    fp16_opts: dict[str, Any] = {}
     for name in ("bf16", "fp16"):
-        section = raw.get(name)
-        if section is None:
+        section = getattr(preset, name) or {}
+        asked[name] = section.get("enabled", "auto")
+        if asked[name] not in (True, False, "auto"):
+            problems.append(
+                f'{name}.enabled: got {_js(asked[name])}, expected true, false or "auto" (= train.precision)'
+            )
             asked[name] = "auto"
-            continue
-        if not isinstance(section, dict):
-            problems.append(f'{name}: got {_js(section)}, expected an object like {{"enabled": "auto"}}')
-            asked[name] = "auto"
-            continue
-        enabled = section.get("enabled", "auto")
-        if enabled not in (True, False, "auto"):
-            problems.append(f'{name}.enabled: got {_js(enabled)}, expected true, false or "auto" (= train.precision)')
-            enabled = "auto"
-        _check_deepspeed_section(section, name, problems)
-        asked[name] = enabled
-        if name == "fp16":
-            fp16_opts = {k: v for k, v in section.items() if k != "enabled" and not k.startswith("_")}
+        if section:
+            _check_deepspeed_section(section, name, problems)
+    fp16_opts = {k: v for k, v in (preset.fp16 or {}).items() if k != "enabled"}
     if asked["bf16"] is True and asked["fp16"] is True:
         problems.append("bf16.enabled and fp16.enabled: both true; enable at most one (bf16 needs no loss scaling)")
         return "bf16", fp16_opts
@@ -217,31 +330,27 @@ def _resolve_precision(
     return explicit or run_set or auto_precision, fp16_opts
 
 
-def _resolve_torch_autocast(raw: dict[str, Any], run_precision: str, problems: list[str]) -> bool:
+def _resolve_torch_autocast(preset: Preset, run_precision: str, strategy: str, problems: list[str]) -> bool:
     """Whether DeepSpeed's ``torch_autocast`` section is on: fp32 weights and masters, the engine's forward under
     ``torch.autocast(bf16)``. The alternative to the bf16 section (a bf16 model with fp32 masters), for a user who
     wants LayerNorm and softmax in fp32 as under DDP's autocast, at the cost of fp32 weights and gradients."""
-    section = raw.get("torch_autocast")
+    section = preset.torch_autocast
     if section is None:
         return False
-    if not isinstance(section, dict):
-        problems.append(f'torch_autocast: got {_js(section)}, expected an object like {{"enabled": true}}')
-        return False
-    _check_keys(section, TORCH_AUTOCAST_KEYS, "torch_autocast", problems)
-    enabled = section.get("enabled", False)
-    if not isinstance(enabled, bool):
-        problems.append(f"torch_autocast.enabled: got {_js(enabled)}, expected true/false")
-        return False
-    dtype = section.get("dtype", "bfloat16")
-    if dtype not in TORCH_AUTOCAST_BF16:
+    if strategy != "deepspeed":
         problems.append(
-            f'torch_autocast.dtype: got {_js(dtype)}, expected "bfloat16"; for fp16 use the fp16 section '
+            f'torch_autocast: only DeepSpeed reads it, strategy is "{strategy}" (which autocasts from '
+            "train.precision itself); remove it"
+        )
+    if section.dtype not in TORCH_AUTOCAST_BF16:
+        problems.append(
+            f'torch_autocast.dtype: got {_js(section.dtype)}, expected "bfloat16"; for fp16 use the fp16 section '
             '({"fp16": {"enabled": true}}), whose loss scaler works under every ZeRO stage'
         )
-    if not enabled:
+    if not section.enabled:
         return False
     for name in ("bf16", "fp16"):
-        if isinstance(raw.get(name), dict) and raw[name].get("enabled") is True:
+        if (getattr(preset, name) or {}).get("enabled") is True:
             problems.append(
                 f"torch_autocast.enabled and {name}.enabled: both true; torch_autocast keeps fp32 weights and "
                 f"autocasts, {name} makes the whole model {name}: enable one"
@@ -254,42 +363,34 @@ def _resolve_torch_autocast(raw: dict[str, Any], run_precision: str, problems: l
     return True
 
 
-def _resolve_offload(zero: dict[str, Any], key: str, problems: list[str]) -> tuple[Offload, dict[str, Any] | None]:
-    section = zero.get(key)
+def _resolve_offload(zero: dict[str, Any], name: str, problems: list[str]) -> Offload:
+    """An offload sub-section, checked by DeepSpeed's model; NVMe needs a folder."""
+    section = zero.get(name)
+    where = f"zero_optimization.{name}"
     if section is None:
-        return Offload(), None
-    where = f"zero_optimization.{key}"
+        return Offload()
     if not isinstance(section, dict):
         problems.append(f'{where}: got {_js(section)}, expected an object like {{"device": "cpu"}}')
-        return Offload(), None
-    device = section.get("device", "none")
-    if device not in ("none", "cpu", "nvme"):
-        problems.append(f'{where}.device: got {_js(device)}, expected "none", "cpu" or "nvme"')
-        device = "none"
-    pin = section.get("pin_memory", False)
-    if not isinstance(pin, bool):
-        problems.append(f"{where}.pin_memory: got {_js(pin)}, expected true/false")
-        pin = False
-    path = section.get("nvme_path")
-    if device == "nvme" and not (isinstance(path, str) and path):
-        problems.append(f'{where}.nvme_path: missing; "device": "nvme" needs the folder of a fast local NVMe drive')
+        return Offload()
     _check_deepspeed_section(section, where, problems)
-    return Offload(device=device, pin_memory=pin, nvme_path=path), dict(section)
+    device = section.get("device", "none")
+    if device == "nvme" and not (isinstance(section.get("nvme_path"), str) and section["nvme_path"]):
+        problems.append(f'{where}.nvme_path: missing; "device": "nvme" needs the folder of a fast local NVMe drive')
+    return Offload(
+        device if device in ("cpu", "nvme") else "none", section.get("pin_memory") is True, section.get("nvme_path")
+    )
 
 
-def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offload, Offload, dict[str, Any] | None]:
-    zero = raw.get("zero_optimization")
+def _resolve_zero(zero: dict[str, Any] | None, problems: list[str]) -> tuple[int, Offload, Offload, dict | None]:
+    """The ZeRO stage, both offloads, and the section for DeepSpeed ("auto" knobs left to DeepSpeed's defaults)."""
     if zero is None:
-        return 0, Offload(), Offload(), None
-    if not isinstance(zero, dict):
-        problems.append(f'zero_optimization: got {_js(zero)}, expected an object like {{"stage": 2}}')
         return 0, Offload(), Offload(), None
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         problems.append(f"zero_optimization.stage: got {_js(stage)}, expected 0, 1, 2 or 3")
         stage = 0
-    off_opt, off_opt_raw = _resolve_offload(zero, "offload_optimizer", problems)
-    off_par, off_par_raw = _resolve_offload(zero, "offload_param", problems)
+    off_opt = _resolve_offload(zero, "offload_optimizer", problems)
+    off_par = _resolve_offload(zero, "offload_param", problems)
     if off_par.enabled and stage != 3:
         problems.append(
             f'zero_optimization.offload_param: device "{off_par.device}" needs stage 3 (got stage {stage}); '
@@ -300,21 +401,14 @@ def _resolve_zero(raw: dict[str, Any], problems: list[str]) -> tuple[int, Offloa
             f'zero_optimization.offload_optimizer: device "{off_opt.device}" needs stage 1, 2 or 3 (got stage 0)'
         )
     out = {}
-    for key, value in zero.items():
-        if key.startswith("_"):
-            continue
-        if value == "auto":
-            if key in ZERO_AUTO_KNOBS:
-                continue  # DeepSpeed's default
-            problems.append(f'zero_optimization.{key}: "auto" is only allowed for {", ".join(ZERO_AUTO_KNOBS)}')
-            continue
-        if key in ZERO_AUTO_KNOBS and not (_is_num(value) and value >= 0):
-            problems.append(f'zero_optimization.{key}: got {_js(value)}, expected a non-negative number or "auto"')
-            continue
-        out[key] = value
-    for key, section in (("offload_optimizer", off_opt_raw), ("offload_param", off_par_raw)):
-        if section is not None:
-            out[key] = {k: v for k, v in section.items() if not k.startswith("_")}
+    for name, value in zero.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        if value == "auto" and name not in ZERO_AUTO_KNOBS:
+            problems.append(f'zero_optimization.{name}: "auto" is only allowed for {", ".join(ZERO_AUTO_KNOBS)}')
+        elif name in ZERO_AUTO_KNOBS and value != "auto" and not number:
+            problems.append(f'zero_optimization.{name}: got {_js(value)}, expected a non-negative number or "auto"')
+        elif value != "auto":
+            out[name] = value  # "auto" knobs: DeepSpeed's default (bucket sizes: filled below)
     _check_deepspeed_section(zero, "zero_optimization", problems)
     return stage, off_opt, off_par, out
 
@@ -334,7 +428,7 @@ def _check_deepspeed_section(section: dict[str, Any], where: str, problems: list
         if key in deprecated:
             problems.append(f"{where}.{key}: deprecated by DeepSpeed; use '{deprecated[key]}' instead")
         else:
-            _check_keys({key: None}, valid, where, problems)
+            problems.append(f"{where}.{key}: unknown key; {did_you_mean(key, valid)}valid keys: {', '.join(valid)}")
     for key in schema.boolean_keys(where):
         if key in section and key not in reported and not isinstance(section[key], bool) and section[key] != "auto":
             problems.append(f"{where}.{key}: got {_js(section[key])}, expected true/false")
@@ -352,178 +446,10 @@ def _check_activation_checkpointing(section: dict[str, Any]) -> list[str]:
     from ssl3d.memory.activation_checkpointing import CheckpointPolicy
 
     try:
-        CheckpointPolicy.from_dict({k: v for k, v in section.items() if not k.startswith("_")})
+        CheckpointPolicy.from_dict(section)
     except ConfigError as exc:
         return list(exc.problems)
     return []
-
-
-def _resolve_fsdp(raw: dict[str, Any], problems: list[str]) -> FSDPOptions:
-    section = raw.get("fsdp")
-    if section is None:
-        return FSDPOptions()
-    if not isinstance(section, dict):
-        problems.append(f'fsdp: got {_js(section)}, expected an object like {{"shard": "block"}}')
-        return FSDPOptions()
-    _check_keys(section, FSDP_KEYS, "fsdp", problems)
-    opts = FSDPOptions()
-    reshard = section.get("reshard_after_forward", opts.reshard_after_forward)
-    if not isinstance(reshard, bool):
-        problems.append(f"fsdp.reshard_after_forward: got {_js(reshard)}, expected true/false")
-        reshard = True
-    offload = section.get("cpu_offload", opts.cpu_offload)
-    if not isinstance(offload, bool):
-        problems.append(f"fsdp.cpu_offload: got {_js(offload)}, expected true/false")
-        offload = False
-    shard = section.get("shard", opts.shard)
-    if shard not in ("block", "stage"):
-        problems.append(
-            f'fsdp.shard: got {_js(shard)}, expected "block" (one FSDP unit per Swin block) or "stage" (per stage)'
-        )
-        shard = "block"
-    return FSDPOptions(reshard_after_forward=reshard, cpu_offload=offload, shard=shard)
-
-
-def resolve_ds_config(
-    raw: dict[str, Any],
-    cfg: Config,
-    *,
-    world_size: int = 1,
-    device_type: str = "cpu",
-    auto_precision: str = "fp32",
-    source: str = "<dict>",
-) -> DSConfig:
-    """Check a ds_config dict against DeepSpeed's models, ssl3d's keys and the run config; fill every ``"auto"``.
-
-    ``auto_precision`` is what ``train.precision: "auto"`` means on this device (bf16 on recent GPUs, fp32 on
-    the CPU). Raises one ``ConfigError`` listing every problem; each section is checked by its own function.
-    """
-    problems: list[str] = []
-    raw = copy.deepcopy(raw)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"ds_config {source}: expected a JSON object at the top level")
-    _check_top_level(raw, problems)
-    strategy = _resolve_backend(raw, world_size, problems)
-    micro, accum, tbs = _resolve_batch(raw, cfg, world_size, problems)
-    clip = _resolve_clipping(raw, cfg, problems)
-    notes: list[str] = []
-    if auto_precision == "fp16" and strategy in NO_FP16:
-        notes.append(
-            f'precision "auto": fp32 (this GPU has no native bf16, and strategy "{strategy}" has no fp16 loss scaler '
-            'in ssl3d; strategy "ddp", "fsdp" or "deepspeed" would train in fp16)'
-        )
-        auto_precision = "fp32"
-    precision, fp16_opts = _resolve_precision(raw, cfg.train.precision, auto_precision, problems)
-    torch_autocast = _resolve_torch_autocast(raw, cfg.train.precision, problems)
-    if torch_autocast:
-        precision = "bf16"
-    _check_precision_support(raw, precision, strategy, device_type, problems)
-    stage, off_opt, off_par, zero = _resolve_zero(raw, problems)
-    if zero is not None and stage > 0:
-        _fill_bucket_sizes(raw.get("zero_optimization") or {}, zero, cfg)
-    _check_zero_backend(zero, stage, off_opt.enabled or off_par.enabled, off_opt.enabled, strategy, problems)
-    if device_type == "cuda" and "nvme" in (off_opt.device, off_par.device):
-        problems += _nvme_toolkit_problems()
-    _check_deepspeed_extras(raw, strategy, precision, stage, problems)
-    if "torch_autocast" in raw and strategy != "deepspeed":
-        problems.append(
-            f'torch_autocast: only DeepSpeed reads it, strategy is "{strategy}" (which autocasts from '
-            "train.precision itself); remove it"
-        )
-    fsdp = _resolve_fsdp(raw, problems)
-    if "fsdp" in raw and strategy != "fsdp":
-        problems.append(f'fsdp: options for strategy "fsdp", but strategy is "{strategy}"; remove it or switch')
-    ac = _resolve_activation_checkpointing(raw, problems)
-    gather = raw.get("gather_contrastive", False)
-    if not isinstance(gather, bool):
-        problems.append(f"gather_contrastive: got {_js(gather)}, expected true/false")
-        gather = False
-    if problems:
-        raise ConfigError([f"ds_config {source}: {p}" for p in problems])
-    return DSConfig(
-        strategy=strategy,
-        world_size=world_size,
-        micro_batch_size=micro,
-        grad_accum=accum,
-        train_batch_size=tbs,
-        gradient_clipping=clip,
-        precision=precision,
-        zero_stage=stage,
-        offload_optimizer=off_opt,
-        offload_param=off_par,
-        fsdp=fsdp,
-        activation_checkpointing=ac,
-        gather_contrastive=gather,
-        torch_autocast=torch_autocast,
-        notes=tuple(notes),
-        fp16=fp16_opts,
-        deepspeed=_deepspeed_dict(raw, micro, accum, tbs, clip, precision, fp16_opts, zero, torch_autocast),
-        source=source,
-    )
-
-
-def _check_top_level(raw: dict[str, Any], problems: list[str]) -> None:
-    _check_keys(raw, TOP_LEVEL_KEYS, "", problems)
-    for key in ("optimizer", "scheduler"):
-        if key in raw:
-            problems.append(
-                f"{key}: not allowed in a ds_config; ssl3d builds the optimizer and learning-rate schedule itself "
-                f"from the run config's optim section (optim.name, optim.lr, optim.schedule, ...)"
-            )
-
-
-def _resolve_backend(raw: dict[str, Any], world_size: int, problems: list[str]) -> str:
-    """``strategy``, or the backend the other sections imply (deepspeed with a ZeRO section, else ddp/single)."""
-    implied = "deepspeed" if "zero_optimization" in raw else ("ddp" if world_size > 1 else "single")
-    strategy = raw.get("strategy")
-    if strategy is None:
-        strategy = implied
-    elif strategy not in BACKENDS:
-        problems.append(
-            f"strategy: got {_js(strategy)}; {_did_you_mean(str(strategy), BACKENDS)}valid: {', '.join(BACKENDS)}"
-        )
-        strategy = implied
-    if strategy == "single" and world_size > 1:
-        problems.append(
-            f'strategy: "single" runs one process but WORLD_SIZE is {world_size}; use "ddp" (or fsdp/deepspeed)'
-        )
-    return strategy
-
-
-def _resolve_batch(raw: dict[str, Any], cfg: Config, world_size: int, problems: list[str]) -> tuple[int, int, int]:
-    """Micro batch, accumulation steps and global batch, each agreeing with the run config."""
-    t = cfg.train
-    micro = _resolve_count(raw, "train_micro_batch_size_per_gpu", t.batch_size, "train.batch_size", problems)
-    accum = _resolve_count(raw, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", problems)
-    expected = micro * accum * world_size
-    tbs = raw.get("train_batch_size", "auto")
-    if tbs == "auto":
-        tbs = expected
-    elif not _is_int(tbs) or tbs < 1:
-        problems.append(f'train_batch_size: got {_js(tbs)}, expected a positive integer or "auto"')
-        tbs = expected
-    elif tbs != expected:
-        problems.append(
-            f"train_batch_size: got {tbs}, expected train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
-            f'world size = {micro} x {accum} x {world_size} = {expected}; write "auto" or fix one of them'
-        )
-    return micro, accum, tbs
-
-
-def _resolve_clipping(raw: dict[str, Any], cfg: Config, problems: list[str]) -> float | None:
-    t = cfg.train
-    clip_raw = raw.get("gradient_clipping", "auto")
-    if clip_raw == "auto":
-        return t.grad_clip
-    if not _is_num(clip_raw) or clip_raw < 0:
-        problems.append(f'gradient_clipping: got {_js(clip_raw)}, expected a norm >= 0 (0: off) or "auto"')
-        return t.grad_clip
-    clip = float(clip_raw) if clip_raw > 0 else None
-    if clip != t.grad_clip:
-        run = "null" if t.grad_clip is None else t.grad_clip
-        fix = f"set train.grad_clip={clip}" if clip is not None else "set train.grad_clip=null"
-        problems.append(f'gradient_clipping: got {_js(clip_raw)} but train.grad_clip is {run}; write "auto" or {fix}')
-    return clip
 
 
 def _check_precision_support(
@@ -598,50 +524,17 @@ def _nvme_toolkit_problems() -> list[str]:
     ]
 
 
-def _check_deepspeed_extras(
-    raw: dict[str, Any], strategy: str, precision: str, stage: int, problems: list[str]
-) -> None:
-    """DeepSpeed's smaller sections: flags, printing, gradient accumulation dtype, NVMe I/O."""
-    for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "wall_clock_breakdown"):
-        if key in raw and not isinstance(raw[key], bool):
-            problems.append(f"{key}: got {_js(raw[key])}, expected true/false")
-    if "steps_per_print" in raw and not (_is_int(raw["steps_per_print"]) and raw["steps_per_print"] > 0):
-        problems.append(f"steps_per_print: got {_js(raw['steps_per_print'])}, expected a positive integer")
-    data_types = raw.get("data_types", {})
-    if not isinstance(data_types, dict):
-        problems.append(f'data_types: got {_js(data_types)}, expected an object like {{"grad_accum_dtype": "fp32"}}')
-    else:
-        _check_keys(data_types, ("grad_accum_dtype",), "data_types", problems)
-        accum_dtype = data_types.get("grad_accum_dtype")
-        if accum_dtype is not None and accum_dtype not in PRECISIONS:
-            problems.append(
-                f"data_types.grad_accum_dtype: got {_js(accum_dtype)}, expected one of {', '.join(PRECISIONS)}"
-            )
-        elif accum_dtype is not None and strategy != "deepspeed":
-            problems.append(
-                f'data_types.grad_accum_dtype: only DeepSpeed reads it, strategy is "{strategy}" (which accumulates '
-                "gradients in fp32 anyway); remove it"
-            )
-        elif accum_dtype not in (None, precision) and stage == 0:
-            problems.append(
-                f'data_types.grad_accum_dtype: "{accum_dtype}" with {precision} parameters needs ZeRO stage 1 or more '
-                "(DeepSpeed stage 0 accumulates in the parameters' dtype); set zero_optimization.stage to 1"
-            )
-    if "aio" in raw:
-        if isinstance(raw["aio"], dict):
-            _check_keys(raw["aio"], AIO_KEYS, "aio", problems)
-        else:
-            problems.append(f"aio: got {_js(raw['aio'])}, expected an object (DeepSpeed's NVMe I/O settings)")
-
-
-def _resolve_activation_checkpointing(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    """Stored without comments; ssl3d.memory parses and applies it."""
-    ac = raw.get("activation_checkpointing", {})
-    if not isinstance(ac, dict):
-        problems.append(f"activation_checkpointing: got {_js(ac)}, expected an object")
-        ac = {}
-    problems += _check_activation_checkpointing(ac)
-    return {k: v for k, v in ac.items() if not k.startswith("_")}
+def _check_grad_accum_dtype(dtype: str | None, strategy: str, precision: str, stage: int, problems: list[str]) -> None:
+    if dtype is not None and strategy != "deepspeed":
+        problems.append(
+            f'data_types.grad_accum_dtype: only DeepSpeed reads it, strategy is "{strategy}" (which accumulates '
+            "gradients in fp32 anyway); remove it"
+        )
+    elif dtype not in (None, precision) and stage == 0:
+        problems.append(
+            f'data_types.grad_accum_dtype: "{dtype}" with {precision} parameters needs ZeRO stage 1 or more '
+            "(DeepSpeed stage 0 accumulates in the parameters' dtype); set zero_optimization.stage to 1"
+        )
 
 
 def _deepspeed_dict(

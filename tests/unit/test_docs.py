@@ -33,7 +33,9 @@ from unittest import mock
 import pytest
 
 from ssl3d.cli import main, pretrain_main
-from ssl3d.config import Config, ConfigError, key_reference, load_config
+from ssl3d.config import Config, ConfigError, load_config
+from ssl3d.reference import reference_page
+from ssl3d.strategies.ds_config import Preset
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -587,9 +589,11 @@ def test_relative_links_resolve():
 
 def test_config_reference_is_generated_from_the_models():
     """docs/config.md is the run config's field documentation; a key added, renamed or re-documented in
-    ssl3d/config.py without regenerating the page (``python -m ssl3d.config > docs/config.md``) fails here."""
+    ssl3d/config.py without regenerating the page (``python -m ssl3d.reference > docs/config.md``) fails here."""
     page = (ROOT / "docs" / "config.md").read_text()
-    assert page.strip() == key_reference().strip(), "docs/config.md is stale: python -m ssl3d.config > docs/config.md"
+    assert page == reference_page(), "docs/config.md is stale: python -m ssl3d.reference > docs/config.md"
     for section, info in Config.model_fields.items():
         for name in getattr(info.annotation, "model_fields", {}):
             assert f"`{section}.{name}`" in page
+    for name in Preset.model_fields:
+        assert f"| `{name}` |" in page

@@ -250,3 +250,25 @@ def test_auto_bucket_sizes_are_the_model_size() -> None:
     ds = resolve_ds_config(raw, cfg, world_size=1, device_type="cpu")
     assert ds.deepspeed["zero_optimization"]["reduce_bucket_size"] == 123456
     assert ds.deepspeed["zero_optimization"]["allgather_bucket_size"] == 19_099_648
+
+
+def test_ssl3d_sections_are_checked_by_the_preset_model() -> None:
+    """Types, limits and names of ssl3d's own keys come from ``Preset``; each problem is one line naming the key,
+    the value and what would work, in the order the preset has them; comments are allowed at any level."""
+    raw = {
+        "train_batch_size": 0,
+        "gradient_clipping": "high",
+        "fsdp": {"_why": "comment", "shard": "blocks", "cpu_offlaod": True},
+        "gather_contrastive": "yes",
+        "steps_per_print": 2.5,
+    }
+    found = problems(raw | {"strategy": "fsdp"}, world_size=2)
+    assert found == [
+        'ds_config <dict>: train_batch_size: got 0, expected a positive integer or "auto"',
+        'ds_config <dict>: gradient_clipping: got "high", expected a number or "auto"',
+        "ds_config <dict>: fsdp.shard: got \"blocks\", expected \"block\" | \"stage\" (did you mean 'block'?)",
+        "ds_config <dict>: fsdp.cpu_offlaod: unknown key; did you mean 'cpu_offload'? valid keys: "
+        "reshard_after_forward, cpu_offload, shard",
+        "ds_config <dict>: gather_contrastive: got \"yes\", expected true/false",
+        "ds_config <dict>: steps_per_print: got 2.5, expected an integer or null",
+    ], found

@@ -40,7 +40,7 @@ TIERS: tuple[tuple[str, ...], ...] = (
     # The one training loop, and turning a run's config into its inputs.
     ("ssl3d.trainer", "ssl3d.run_config"),
     # Commands.
-    ("ssl3d.downstream", "ssl3d.cli"),
+    ("ssl3d.downstream", "ssl3d.cli", "ssl3d.reference"),
 )
 
 
