@@ -21,9 +21,20 @@ validation crops laid out the same way for every setting (4 crops = 8 views a ba
 
 - ``reference``: the reference's per-device batch, 1 volume x 2 crops = 4 views, one pass, no queue;
 - ``recipe``: the recipe's views, chunk and queue (read from the run config) on the same small model;
-- ``recipe-no-queue``: the recipe without the queue (many views through gradient caching alone).
+- ``recipe-no-queue``: the recipe without the queue (many views through gradient caching alone);
+- ``gather-2-ranks``: the reference's per-device batch on each of 2 ranks with ``"gather_contrastive": true`` (8
+  views in the loss, 4 per device), run as the one process it equals: the global batch of 2 volumes x 2 crops in
+  one pass. DDP with the gather computes exactly one process's loss and gradient on the global batch up to float
+  summation order (``Strategy.gather_embeddings``; tests/dist/test_strategies.py ``gather``,
+  tests/dist/test_queue_strategies.py), so the run answers what 2 devices buy without a second process on 2 cores;
+- ``recipe-2-volumes``: one device, 2 volumes x 2 crops = 8 views a step through gradient caching at the recipe's
+  chunk (``train.batch_size 2, data.num_samples 2``): the recipe's views and activation memory with gather-2-ranks'
+  negatives (the same loss and gradient in exact arithmetic; float summation order differs).
 
     python bench/collapse.py --direct --samples data/samples --work /tmp/ssl3d_recipe --steps 300 --eval-every 50
+
+Every direct run also writes its encoder, ``<work>/encoders/<setting>/seed<S>/model_swinvit.pt`` with its metadata,
+for the downstream check (``bench/downstream.py --init``).
 """
 
 from __future__ import annotations
@@ -176,12 +187,16 @@ def direct_settings(recipe: Path, queues: list[int] | None = None) -> dict[str, 
     }
     if queue:
         settings["recipe-no-queue"] = {"crops": crops, "chunk": chunk, "queue": 0}
+    # 2 ranks x (1 volume x 2 crops) with gathered negatives = one process with the global batch (see the docstring)
+    settings["gather-2-ranks"] = {"crops": 2, "chunk": 0, "queue": 0, "volumes": 2}
+    # The same 8 views on one device at the recipe's chunk: equal to gather-2-ranks in exact arithmetic
+    settings["recipe-2-volumes"] = {"crops": 2, "chunk": chunk, "queue": 0, "volumes": 2}
     for k in queues or []:
         settings[f"recipe-queue-{k}"] = {"crops": crops, "chunk": chunk, "queue": k}
     return settings
 
 
-def _data_config(datalists: list[Path], crops: int, seed: int, work: Path):  # noqa: ANN202
+def _data_config(datalists: list[Path], crops: int, seed: int, work: Path, volumes: int = 1):  # noqa: ANN202
     from ssl3d.config import load_config
 
     return load_config(
@@ -192,7 +207,7 @@ def _data_config(datalists: list[Path], crops: int, seed: int, work: Path):  # n
             "data.dataset": "cache",
             "data.cache_rate": 1.0,
             "data.num_workers": 0,
-            "train.batch_size": 1,
+            "train.batch_size": volumes,
             "train.seed": seed,
             "train.progress": False,
             "train.logdir": str(work / "run"),
@@ -263,7 +278,7 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
     loss_fn = SSLLoss()
     gen = torch.Generator().manual_seed(seed * 1000 + 1)
     task = SSLTask(loss_fn, MaskingParams(), gen, grad_cache_chunk=setting["chunk"], negative_queue=setting["queue"])
-    train, _ = build_loaders(_data_config(datalists, setting["crops"], seed, a.work))
+    train, _ = build_loaders(_data_config(datalists, setting["crops"], seed, a.work, setting.get("volumes", 1)))
     val_views = _validation_views(datalists, seed, a.work)
     record: dict = {"setting": setting, "seed": seed, "monitors": [], "train": []}
     batches = iter(())
@@ -286,6 +301,13 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
         record["train"].append({k: float(v) for k, v in losses.items()})
     record["seconds"] = time.perf_counter() - t0
     train.close()
+    # The encoder for the downstream check (bench/downstream.py --init): model_swinvit.pt with its metadata.
+    from ssl3d.checkpoint import export_swinvit
+
+    cfg = _data_config(datalists, setting["crops"], seed, a.work, setting.get("volumes", 1))
+    cfg.model = ModelConfig(**DIRECT_MODEL)
+    record["encoder"] = str(export_swinvit(model.state_dict(), a.work / "encoders" / name / f"seed{seed}" /
+                                           "model_swinvit.pt", cfg, a.steps))  # fmt: skip
     return record
 
 
@@ -342,7 +364,8 @@ def format_direct(results: dict, steps: int) -> str:
             return f"{text}<br>{series}"
 
         lines.append(
-            f"| {name} | {2 * s['crops']} ({s['chunk'] or 'one pass'}) | {s['queue'] or '-'} | {len(runs)} | "
+            f"| {name} | {2 * s['crops'] * s.get('volumes', 1)} ({s['chunk'] or 'one pass'}) | {s['queue'] or '-'} | "
+            f"{len(runs)} | "
             f"{cell('contrastive', '{:.3f}')} | {cell('rank', '{:.2f}')} | {cell('std', '{:.4f}')} | "
             f"{cell('rotation_acc', '{:.3f}')} | {cell('recon_masked', '{:.3f}')} |"
         )
@@ -360,7 +383,8 @@ def plot_direct(results: dict, path: Path) -> None:
         ("rotation_acc", "rotation accuracy", 0.25, "chance: 0.25"),
         ("recon_masked", "masked reconstruction L1", None, None),
     ]
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+    colors += [(23, 190, 207)]
     pw, ph, left, right, top, bottom = 300, 240, 48, 12, 30, 34
     by = _per_setting(results)
     img = Image.new("RGB", (pw * len(panels), ph + 24 * len(by) + 10), "white")
@@ -409,7 +433,8 @@ def plot_direct(results: dict, path: Path) -> None:
     for j, (name, runs) in enumerate(by.items()):
         s = runs[0]["setting"]
         what = (
-            f"{2 * s['crops']} views a step, chunk {s['chunk'] or '-'}, queue {s['queue'] or '-'}, {len(runs)} seed(s)"
+            f"{2 * s['crops'] * s.get('volumes', 1)} views a step, chunk {s['chunk'] or '-'}, "
+            f"queue {s['queue'] or '-'}, {len(runs)} seed(s)"
         )
         what += " (bold: mean; thin: each seed)" if len(runs) > 1 else ""
         d.text((left, ph + 6 + 24 * j), f"{name}: {what}", fill=colors[j % len(colors)])

@@ -8,6 +8,11 @@ this budget shows, nothing more.
 
     python bench/downstream.py --work /tmp/ssl3d_downstream          # ~20-25 min on 2 idle cores
     python bench/downstream.py --tasks probe & python bench/downstream.py --tasks finetune   # once pre-trained
+
+``--init FILE`` takes an encoder pre-trained elsewhere instead (e.g. ``bench/collapse.py --direct`` writes
+``encoders/<setting>/seed<S>/model_swinvit.pt``); ``--datalist`` a labelled dataset JSON instead of the demo's label
+maps (e.g. ``ssl3d data samples``' TotalSegmentator pair); ``--set`` overrides every downstream run (the random-init
+runs need the encoder's architecture spelled out: ``--set model.feature_size=12`` ...).
 """
 
 from __future__ import annotations
@@ -51,23 +56,33 @@ def main() -> None:
     p.add_argument("--labelled", type=int, nargs="+", default=[2, 4])
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--pretrain-steps", type=int, default=None, help="default: the CPU demo preset's")
+    p.add_argument("--init", type=Path, help="a pre-trained model_swinvit.pt (default: pre-train with the demo preset)")
+    p.add_argument("--datalist", type=Path, help="labelled dataset JSON (default: the demo's label maps)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every downstream run (repeatable)")  # fmt: skip
     a = p.parse_args()
     ssl3d = [sys.executable, "-m", "ssl3d.cli"]
     out: dict = {"seeds": a.seeds, "labelled": a.labelled, "downstream": DOWNSTREAM, "tasks": {}}
 
-    pre = a.work / "pretrain"
+    pre = a.init or a.work / "pretrain"
     extra = sets({"train.num_steps": a.pretrain_steps}) if a.pretrain_steps else []
-    if not (pre / "model_swinvit.pt").is_file():
+    if a.init:
+        out["init"] = str(a.init)
+    elif not (pre / "model_swinvit.pt").is_file():
         seconds, stdout = run([*ssl3d, "pretrain", *sets({"train.logdir": str(pre), "train.progress": False}), *extra])
         out["pretrain"] = {"seconds": round(seconds, 1), "output": stdout.strip().splitlines()[-1]}
         print(stdout.strip().splitlines()[-1], flush=True)
-    out["pretrain_summary"] = json.loads((pre / "summary.json").read_text())
+    if not a.init:
+        out["pretrain_summary"] = json.loads((pre / "summary.json").read_text())
+    out["overrides"] = a.overrides
 
     for task in a.tasks:
         logdir = a.work / task
         cmd = [*ssl3d, task, "--init", str(pre), "--init", "none", "--seeds", a.seeds]
         cmd += [x for n in a.labelled for x in ("--labelled", str(n))]
         cmd += sets({**DOWNSTREAM, **TASKS[task], "train.logdir": str(logdir)})
+        cmd += [f"--set={o}" for o in a.overrides]
+        cmd += ["--datalist", str(a.datalist)] if a.datalist else []
         seconds, stdout = run(cmd)
         doc = json.loads((logdir / "comparison.json").read_text())
         out["tasks"][task] = {"seconds": round(seconds, 1), "settings": TASKS[task], **doc}

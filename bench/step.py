@@ -11,6 +11,13 @@ minor page faults it prints show how often the allocator asked the kernel for fr
     python bench/step.py --modes ssl3d --roi 96 --device cuda --precision bf16
     python bench/step.py --roi 96 --batch 2 --device cuda --flops
     python bench/step.py --modes ssl3d --profile 25 --policy none    # where one step's time and bytes go
+    python bench/step.py --modes reference,reference-no-anomaly,ssl3d,ssl3d-compile --rounds 2   # alternating
+
+Modes: ``reference`` (as published), ``reference-no-anomaly`` (the same step without anomaly detection), ``ssl3d``
+and ``ssl3d-compile`` (``model.compile``: every Swin block and decoder stage compiled with inductor; its first step
+holds the compile, which inductor's on-disk cache shortens in a later process with the same shapes). ``--rounds R``
+runs the list R times, alternating, and prints every ratio per round, so load that changes during the run shows as
+a spread between rounds instead of a bias against one mode.
 
 By default (``--precision auto --cudnn-benchmark auto``) each mode runs at its own training settings: the
 reference on a GPU as its script trains (fp16 autocast with a GradScaler, ``torch.backends.cudnn.benchmark =
@@ -270,7 +277,7 @@ def run_one(a: argparse.Namespace) -> dict:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     device = torch.device(a.device)
-    reference = a.mode == "reference"
+    reference = a.mode.startswith("reference")
     precision, cudnn_benchmark, tf32 = training_settings(a, device)
     # With cudnn.benchmark the convolutions' algorithms are timed on the first step (the untimed warm-up step).
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -287,6 +294,10 @@ def run_one(a: argparse.Namespace) -> dict:
             apply_fused_attention(model)
         policy = json.loads(a.policy) if a.policy.lstrip().startswith("{") else a.policy
         apply_activation_checkpointing(model, policy)
+        if a.mode == "ssl3d-compile":
+            from ssl3d.model.compile import compile_regions
+
+            compile_regions(model)
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     loss_fn = SSLLoss()
@@ -297,7 +308,7 @@ def run_one(a: argparse.Namespace) -> dict:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     # fp16 needs loss scaling: the reference's AMP is autocast plus a GradScaler (ssl3d's single backend too).
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    torch.autograd.set_detect_anomaly(reference)
+    torch.autograd.set_detect_anomaly(a.mode == "reference")
 
     def step() -> None:
         from torch.profiler import record_function
@@ -324,7 +335,9 @@ def run_one(a: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
 
     counter = None
-    if a.flops:
+    # Not for ssl3d-compile: with the counter's dispatch mode around its warm-up step, a compiled run's steps took an
+    # eager step's time and memory (the compiled code was not seen to run); its FLOPs are the eager step's.
+    if a.flops and a.mode != "ssl3d-compile":
         from torch.utils.flop_counter import FlopCounterMode
 
         count_cpu_sdpa()
@@ -358,6 +371,7 @@ def run_one(a: argparse.Namespace) -> dict:
         "grad_scaler": scaler.is_enabled(),
         "cudnn_benchmark": cudnn_benchmark,
         "tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
+        "first_step_s": times[0],
         "step_time_s": sum(steady) / len(steady),
         "step_times_s": [round(t, 3) for t in steady],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -381,9 +395,42 @@ def run_one(a: argparse.Namespace) -> dict:
     return out
 
 
+MODES = ("reference", "reference-no-anomaly", "ssl3d", "ssl3d-compile")
+
+
+def print_ratios(by_mode: dict[str, dict], prefix: str = "") -> None:
+    """Step-time and peak-RSS ratios of every ssl3d mode to every reference mode (and compiled to eager) of one
+    round, and the MFU of both on the reference's FLOP count where ``--flops`` measured it."""
+    pairs = [(o, r) for o in ("ssl3d", "ssl3d-compile") for r in ("reference", "reference-no-anomaly", "ssl3d")]
+    for ours_name, ref_name in pairs:
+        if ours_name == ref_name or ours_name not in by_mode or ref_name not in by_mode:
+            continue
+        ours, ref = by_mode[ours_name], by_mode[ref_name]
+        print(
+            f"{prefix}ratio {ours_name}/{ref_name}: step time {ours['step_time_s'] / ref['step_time_s']:.2f}x, "
+            f"peak RSS {ours['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x"
+        )
+    ref, ours = by_mode.get("reference"), by_mode.get("ssl3d")
+    if ref is not None and ours is not None and "mfu" in ref and "mfu" in ours:
+        # Model FLOPs: the reference's count (eager attention, nothing recomputed). ssl3d's executed count also
+        # holds what it recomputes (the fused attention's backward, checkpointed parts), which is not progress.
+        model_flops = ref["flops_per_step"]
+        print(
+            f"{prefix}model FLOPs {model_flops / 1e9:.1f} GFLOP/step (the reference's count); MFU on them: reference "
+            f"{model_flops / ref['step_time_s'] / ref['gemm_flops_per_s']:.1%}, ssl3d "
+            f"{model_flops / ours['step_time_s'] / ours['gemm_flops_per_s']:.1%} (each of its own measured "
+            f"GEMM rate); ssl3d executes {ours['flops_per_step'] / model_flops:.2f}x the model FLOPs"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modes", default="reference,ssl3d", help="comma list: reference, ssl3d")
+    p.add_argument(
+        "--modes",
+        default="reference,ssl3d",
+        help="comma list of: reference, reference-no-anomaly, ssl3d, ssl3d-compile",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="run the list of modes this many times, alternating")
     p.add_argument("--mode", help=argparse.SUPPRESS)  # internal: one mode in this process
     p.add_argument("--feature-size", type=int, default=48)
     p.add_argument("--depths", type=int, nargs=4, default=[2, 2, 2, 2])
@@ -430,45 +477,39 @@ def main() -> None:
     if a.mode:
         print(json.dumps(run_one(a)))
         return
+    modes = a.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(unknown)}; expected a comma list of {', '.join(MODES)}")
     results = []
-    for mode in a.modes.split(","):
-        argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        label = a.policy if mode == "ssl3d" else ("use_checkpoint" if a.use_checkpoint else "plain")
-        mfu = ""
-        if "mfu" in r:
-            bf16 = f", bf16 {r['gemm_bf16_flops_per_s'] / 1e9:.0f}" if "gemm_bf16_flops_per_s" in r else ""
-            mfu = (
-                f"\n{'':10s} {r['flops_per_step'] / 1e9:.1f} GFLOP/step executed, {r['achieved_flops_per_s'] / 1e9:.1f}"
-                f" GFLOP/s; dense GEMM {r['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s ({r['gemm_dtype']}{bf16}); "
-                f"MFU {r['mfu']:.1%}"
-            )
-        print(
-            f"{mode:10s} {label:14s} step {r['step_time_s']:.2f} s  "
-            f"peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}  page faults {r['minor_page_faults']} "
-            f"({r['page_faults_per_step']} a step){mfu}"
-        )
-        if "profile" in r:
-            print_profile(f"{mode} {label}", r["profile"])
-    if len(results) == 2:
-        ref, ours = results
-        print(
-            f"ratio ssl3d/reference: step time {ours['step_time_s'] / ref['step_time_s']:.2f}x, "
-            f"peak RSS {ours['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x"
-        )
-        if "mfu" in ref and "mfu" in ours:
-            # Model FLOPs: the reference's count (eager attention, nothing recomputed). ssl3d's executed count also
-            # holds what it recomputes (the fused attention's backward, checkpointed parts), which is not progress.
-            model_flops = ref["flops_per_step"]
+    for round_ in range(a.rounds):
+        by_mode: dict[str, dict] = {}
+        for mode in modes:
+            argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["round"] = round_ + 1
+            results.append(r)
+            by_mode[mode] = r
+            label = a.policy if mode.startswith("ssl3d") else ("use_checkpoint" if a.use_checkpoint else "plain")
+            mfu = ""
+            if "mfu" in r:
+                bf16 = f", bf16 {r['gemm_bf16_flops_per_s'] / 1e9:.0f}" if "gemm_bf16_flops_per_s" in r else ""
+                mfu = (
+                    f"\n{'':10s} {r['flops_per_step'] / 1e9:.1f} GFLOP/step executed, "
+                    f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s; dense GEMM {r['gemm_flops_per_s'] / 1e9:.0f} "
+                    f"GFLOP/s ({r['gemm_dtype']}{bf16}); MFU {r['mfu']:.1%}"
+                )
             print(
-                f"model FLOPs {model_flops / 1e9:.1f} GFLOP/step (the reference's count); MFU on them: reference "
-                f"{model_flops / ref['step_time_s'] / ref['gemm_flops_per_s']:.1%}, ssl3d "
-                f"{model_flops / ours['step_time_s'] / ours['gemm_flops_per_s']:.1%} (each of its own measured "
-                f"GEMM rate); ssl3d executes {ours['flops_per_step'] / model_flops:.2f}x the model FLOPs"
+                f"{mode:10s} {label:14s} step {r['step_time_s']:.2f} s  first step {r['first_step_s']:.2f} s  "
+                f"peak RSS {r['peak_rss_gib']:.2f} GiB  {r['step_times_s']}  page faults {r['minor_page_faults']} "
+                f"({r['page_faults_per_step']} a step){mfu}",
+                flush=True,
             )
+            if "profile" in r:
+                print_profile(f"{mode} {label}", r["profile"])
+        print_ratios(by_mode, f"round {round_ + 1}: " if a.rounds > 1 else "")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
 

@@ -44,6 +44,8 @@ class StepSettings:
     contrastive_dim: int = 512
     grad_cache_chunk: int = 0  # views per forward/backward with contrastive gradient caching; 0: off
     num_classes: int = 14  # the task's outputs, background included, where the task has classes
+    # ssl.negative_queue: embeddings of earlier views kept (fp32, per rank) as extra contrastive negatives; 0: off
+    negative_queue: int = 0
     # What is learnt: a ``ssl3d.tasks.Task`` (``ssl3d.tasks.get_task(name)``). It builds the model, the step's
     # objective and inputs; the memory tools ask it, never a task's name.
     task: Any = field(kw_only=True)

@@ -273,6 +273,8 @@ def estimator_setting(
         contrastive_dim=cfg.ssl.contrastive_dim,
         grad_cache_chunk=cfg.ssl.grad_cache_chunk if task.supports_grad_cache else 0,
         num_classes=classes if task.needs_classes else StepSettings.num_classes,
+        # The queue of negatives belongs to the contrastive loss, as gradient caching does.
+        negative_queue=cfg.ssl.negative_queue if task.supports_grad_cache else 0,
         task=task,
     )
     zero = (ds.deepspeed or {}).get("zero_optimization", {})

@@ -166,11 +166,13 @@ def profile_memory(
     measured: dict[str, Any] = {}
     times: list[float] = []
 
+    objective = task.objective(step_cfg)  # one for every step: what it keeps (a queue) lives on, as in training
+
     def step(phase=lambda name: None) -> None:
         if cuda:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        training_step(net, optimizer, inputs, step_cfg, autocast_dtype=dtype, phase=phase)
+        training_step(net, optimizer, inputs, step_cfg, autocast_dtype=dtype, phase=phase, objective=objective)
         if cuda:
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
@@ -204,6 +206,8 @@ def profile_memory(
     elif not cuda and (breakdown or module_peaks):
         tracker = StorageTracker()
         tracker.register_step_state(net, optimizer, inputs)
+        for t in getattr(objective, "state_tensors", list)():
+            tracker.register(t, "buffers")
         stats, handles = _module_peaks(net, tracker) if module_peaks else ({}, [])
         with tracker:
             tracker.mark()

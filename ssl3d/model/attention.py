@@ -26,9 +26,9 @@ names, state_dict and the MONAI weight-loading code stay exactly as they are.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import (
@@ -56,7 +56,9 @@ __all__ = [
 
 # Bytes of fp32 score-sized tensors (scores, probabilities, their gradient) alive at once per chunk in backward.
 DEFAULT_CHUNK_BYTES = 128 * 2**20
-_SCORE_TENSORS = 3  # scores/probabilities, their gradient and the softmax-backward output, at most, per chunk
+# Score-sized tensors a chunk is sized for: three, though the backward keeps two alive (its reused buffers), so the
+# budget has headroom; changing it would regroup the windows and with them the bias gradient's summation order.
+_SCORE_TENSORS = 3
 
 
 def _chunk_starts(total: int, step: int, *tensors: Tensor) -> list[int]:
@@ -184,24 +186,32 @@ def _backward(
     bias32 = bias.to(acc)
     dbias = torch.zeros(h, n, n, dtype=acc, device=q.device) if need_dbias else None
     step = _windows_per_chunk(nw, h, n, groups, chunk)
+    # Two score-sized buffers serve every chunk: scores -> dp -> ds in one, the probabilities in the other. Fresh
+    # tensors per chunk (four of them) were most of the bytes the step allocated; each kernel writes into its buffer
+    # exactly what it returned before (matmul's out=, softmax and its backward in place), so the numbers are the same.
+    size = groups * step * h * n * n
+    buf_s, buf_p = (torch.empty(size, dtype=acc, device=q.device) for _ in range(2))
     for w0 in _chunk_starts(nw, step, q):
         w1 = min(nw, w0 + step)
+        score_shape = (groups, w1 - w0, h, n, n)
+        numel = groups * (w1 - w0) * h * n * n
+        s, p = buf_s[:numel].view(score_shape), buf_p[:numel].view(score_shape)
         qc, kc, vc, gc = (t[:, w0:w1].to(acc) for t in (q5, k5, v5, g5))  # [g, w, h, n, d]
+        # matmul would copy the strided gradient into this same contiguous layout for each of its two products.
+        gc = gc.contiguous()
         qs = qc * scale
-        s = torch.matmul(qs, kc.transpose(-1, -2)).add_(bias32)  # scores [g, w, h, n, n]
+        torch.matmul(qs, kc.transpose(-1, -2), out=s).add_(bias32)  # scores [g, w, h, n, n]
         if mask is not None:
             s.add_(_mask_chunk(mask, w0, w1).unsqueeze(1).to(acc))
-        p = torch.softmax(s, dim=-1)
-        del s
+        torch.ops.aten._softmax.out(s, -1, False, out=p)
         dv5[:, w0:w1] = torch.matmul(p.transpose(-1, -2), gc)
-        dp = torch.matmul(gc, vc.transpose(-1, -2))
-        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, acc)  # p * (dp - rowsum(p * dp))
-        del p, dp
+        dp = torch.matmul(gc, vc.transpose(-1, -2), out=s)
+        # p * (dp - rowsum(p * dp)), written over dp: each row is read whole before it is written.
+        ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, acc, grad_input=dp)
         dq5[:, w0:w1] = torch.matmul(ds, kc).mul_(scale)
         dk5[:, w0:w1] = torch.matmul(ds.transpose(-1, -2), qs)
         if dbias is not None:
             dbias += ds.sum(dim=(0, 1))
-        del ds
     return None if dbias is None else dbias.to(bias.dtype)
 
 
@@ -378,7 +388,7 @@ class FusedSwinBlock(SwinTransformerBlock):
         order = mask_matrix
         b, d, h, w, c = x.shape
         window_size, _ = get_window_size((d, h, w), self.window_size, self.shift_size)
-        n = int(np.prod(window_size))
+        n = math.prod(window_size)  # not numpy: under torch.compile a checkpoint traces numpy calls as tensors
         x = self.norm1(x).reshape(b, d * h * w, c)
         windows = _PermuteTokens.apply(x, order.src, order.pad, order.dst, None)  # [b, nW * n, c]
         y = self.attn(windows.view(-1, n, c), mask=order.labels)  # [b * nW, n, c]
@@ -400,9 +410,9 @@ class FusedBasicLayer(BasicLayer):
         b, c, d, h, w = x.shape
         window_size, shift_size = get_window_size((d, h, w), self.window_size, self.shift_size)
         x = x.permute(0, 2, 3, 4, 1)  # b c d h w -> b d h w c (a view, as einops' rearrange)
-        dp = int(np.ceil(d / window_size[0])) * window_size[0]
-        hp = int(np.ceil(h / window_size[1])) * window_size[1]
-        wp = int(np.ceil(w / window_size[2])) * window_size[2]
+        dp = -(-d // window_size[0]) * window_size[0]
+        hp = -(-h // window_size[1]) * window_size[1]
+        wp = -(-w // window_size[2]) * window_size[2]
         labels = window_labels([dp, hp, wp], window_size, shift_size, x.device)
         orders: dict[tuple[int, ...], WindowOrder] = {}
         for blk in self.blocks:

@@ -76,6 +76,11 @@ class SSLTask:
         if self.queue is not None and saved is not None:
             self.queue.load_state_dict(saved)
 
+    def state_tensors(self) -> list[Tensor]:
+        """The tensors this task keeps from step to step (the queue's buffer, once allocated): the memory tools
+        count them as per-rank state."""
+        return [self.queue.buffer] if self.queue is not None and self.queue.buffer is not None else []
+
     def views(self, batch: Tensor | SSLViews) -> SSLViews:
         if isinstance(batch, SSLViews):
             return batch

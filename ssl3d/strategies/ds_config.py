@@ -244,6 +244,11 @@ def resolve_ds_config(
     if zero is not None and stage > 0:
         _fill_bucket_sizes(preset.zero_optimization or {}, zero, cfg)
     _check_zero_backend(zero, stage, off_opt.enabled or off_par.enabled, off_opt.enabled, strategy, problems)
+    if cfg.model.compile:
+        from ssl3d.model.compile import compile_refusal
+
+        if refusal := compile_refusal(strategy, stage):
+            problems.append(refusal)
     if device_type == "cuda" and "nvme" in (off_opt.device, off_par.device):
         problems += _nvme_toolkit_problems()
     _check_grad_accum_dtype(preset.data_types.grad_accum_dtype, strategy, precision, stage, problems)

@@ -114,10 +114,10 @@ class SegmentationTask(Task):
     def check_settings(self, settings: Any) -> str | None:
         if int(settings.num_classes) < 2:
             return f"num_classes: got {settings.num_classes}, expected at least 2 (background included)"
-        if settings.grad_cache_chunk or settings.two_passes:
+        if settings.grad_cache_chunk or settings.two_passes or settings.negative_queue:
             return (
-                f"grad_cache_chunk/two_passes: got {settings.grad_cache_chunk}/{settings.two_passes} for task "
-                f"{self.name}; they are pre-training settings (expected 0/False)"
+                f"grad_cache_chunk/two_passes/negative_queue: got {settings.grad_cache_chunk}/{settings.two_passes}/"
+                f"{settings.negative_queue} for task {self.name}; they are pre-training settings (expected 0/False/0)"
             )
         return None
 

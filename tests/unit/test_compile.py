@@ -1,5 +1,8 @@
 """Regional torch.compile (``ssl3d.model.compile``) against eager: loss and gradients, with a checkpointing policy.
 
+The regions are every Swin block and the decoder (tests/dist/test_compile_strategies.py runs the same comparison
+under DDP and FSDP2 on 2 ranks).
+
 Tolerance. In fp64 every gradient tensor is within 1e-9 x the largest gradient of the eager run (observed ~3e-14
 with the decomposing backend): the compiled blocks compute the same function. In fp32 the compiled and eager
 summation orders differ and the differences pass through ~20 layers and the decoder's instance norms (observed up
@@ -22,7 +25,13 @@ from ssl3d.config import ConfigError, ModelConfig, load_config
 from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.model import build_model
 from ssl3d.model.attention import apply_fused_attention
-from ssl3d.model.compile import compile_problem, compile_regions, compiled_regions
+from ssl3d.model.compile import (
+    compile_problem,
+    compile_refusal,
+    compile_regions,
+    compiled_regions,
+    decoder_regions,
+)
 from ssl3d.ssl import SSLLoss
 
 SELECTIVE = {"policy": "selective", "stages": [0, 1], "part": "both", "decoder": True}
@@ -58,8 +67,9 @@ def test_compiled_regions_match_eager_with_checkpointing():
     eager = _model()
     apply_activation_checkpointing(eager, SELECTIVE)
     compiled = copy.deepcopy(eager)
-    assert compile_regions(compiled, backend="aot_eager_decomp_partition") == 4
-    assert compiled_regions(compiled) == [n for n, m in compiled.named_modules() if n.endswith(".blocks.0")]
+    assert compile_regions(compiled, backend="aot_eager_decomp_partition") == 5
+    blocks = [n for n, m in compiled.named_modules() if n.endswith(".blocks.0")]
+    assert compiled_regions(compiled) == [*blocks, "conv"]  # every Swin block and the checkpointed decoder
     assert list(compiled.state_dict()) == list(eager.state_dict())  # names unchanged: checkpoints load as before
     _assert_same(eager, compiled, torch.rand(2, 1, 32, 32, 64, dtype=torch.float64))
 
@@ -67,13 +77,15 @@ def test_compiled_regions_match_eager_with_checkpointing():
 @pytest.mark.slow
 @pytest.mark.skipif(compile_problem("cpu") is not None, reason="inductor on the CPU needs a C++ compiler")
 def test_inductor_matches_eager_on_one_stage():
-    """Inductor on the shifted and the unshifted block of stage 1, checkpointed (about 1-3 minutes of compiling on
-    two cores); the other stages stay eager."""
+    """Inductor on the shifted and the unshifted block of stage 1 and on the decoder, checkpointed (minutes of
+    compiling on two cores); the other stages stay eager."""
     torch._dynamo.reset()
     eager = _model(depths=(2, 1, 1, 1))
     apply_activation_checkpointing(eager, SELECTIVE)
     compiled = copy.deepcopy(eager)
-    assert compile_regions(compiled.swinViT.layers1) == 2
+    assert compile_regions(compiled.swinViT.layers1) == 2  # no decoder in a stage
+    [decoder] = decoder_regions(compiled)
+    decoder.compile(dynamic=False)
     _assert_same(eager, compiled, torch.rand(2, 1, 32, 32, 64, dtype=torch.float64))
 
 
@@ -82,3 +94,36 @@ def test_config_key_and_its_check(tmp_path):
     assert load_config(None, ["model.compile=true"]).model.compile is True
     with pytest.raises(ConfigError, match="model.compile"):
         load_config(None, ['model.compile="yes"'])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "stage", "refused"),
+    [("deepspeed", 3, True), ("deepspeed", 2, False), ("deepspeed", 1, False), ("deepspeed", 0, False)]
+    + [(s, 0, False) for s in ("single", "ddp", "fsdp", "fairscale")],
+)
+def test_compile_refusal(strategy, stage, refused):
+    message = compile_refusal(strategy, stage)
+    if not refused:
+        assert message is None
+        return
+    assert "\n" not in message and message.startswith("model.compile")
+    assert "zero_optimization.stage 3" in message  # the key that makes it refused ...
+    assert '"fsdp"' in message and "ZeRO stage 1 or 2" in message  # ... and what works instead
+
+
+def test_decoder_regions():
+    """The SSL model's reconstruction decoder is one region; SwinUNETR's five up-sampling blocks are one each; a
+    frozen decoder is left out. ``nn.Module.compile`` is lazy: nothing is traced here."""
+    from monai.networks.blocks import UnetrUpBlock
+
+    from ssl3d.model.segmentation import build_segmentation_model
+
+    ssl = _model()
+    assert decoder_regions(ssl) == [ssl.conv]
+    assert compile_regions(ssl, decoder=False) == 4 and "conv" not in compiled_regions(ssl)
+    unet = build_segmentation_model(ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 6, 6)), 2)
+    assert [type(m) for m in decoder_regions(unet)] == [UnetrUpBlock] * 5
+    assert compile_regions(unet) == 4 + 5
+    frozen = _model()
+    frozen.conv.requires_grad_(False)
+    assert decoder_regions(frozen) == []

@@ -266,9 +266,23 @@ def test_ssl3d_sections_are_checked_by_the_preset_model() -> None:
     assert found == [
         'ds_config <dict>: train_batch_size: got 0, expected a positive integer or "auto"',
         'ds_config <dict>: gradient_clipping: got "high", expected a number or "auto"',
-        "ds_config <dict>: fsdp.shard: got \"blocks\", expected \"block\" | \"stage\" (did you mean 'block'?)",
+        'ds_config <dict>: fsdp.shard: got "blocks", expected "block" | "stage" (did you mean \'block\'?)',
         "ds_config <dict>: fsdp.cpu_offlaod: unknown key; did you mean 'cpu_offload'? valid keys: "
         "reshard_after_forward, cpu_offload, shard",
-        "ds_config <dict>: gather_contrastive: got \"yes\", expected true/false",
+        'ds_config <dict>: gather_contrastive: got "yes", expected true/false',
         "ds_config <dict>: steps_per_print: got 2.5, expected an integer or null",
     ], found
+
+
+@pytest.mark.parametrize(("stage", "refused"), [(2, False), (3, True)])
+def test_compile_with_zero3_is_refused_up_front(stage: int, refused: bool) -> None:
+    """model.compile with ZeRO-3 stops before any engine exists (DeepSpeed's per-layer gathering hooks cut every
+    compiled block apart); ZeRO-2 resolves."""
+    cfg = run_cfg()
+    cfg.model.compile = True
+    raw = {"zero_optimization": {"stage": stage}}
+    if not refused:
+        assert resolve_ds_config(raw, cfg, world_size=2).zero_stage == stage
+        return
+    (msg,) = problems(raw, cfg, world_size=2)
+    assert "model.compile" in msg and "zero_optimization.stage 3" in msg and '"fsdp"' in msg

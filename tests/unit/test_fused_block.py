@@ -22,11 +22,16 @@ from ssl3d.memory import apply_activation_checkpointing
 from ssl3d.memory.activation_checkpointing import CheckpointedFusedSwinBlock, CheckpointedSwinBlock
 from ssl3d.model import build_model
 from ssl3d.model.attention import (
+    _SCORE_TENSORS,
     FusedSwinBlock,
     FusedWindowAttention,
+    _backward,
+    _mask_chunk,
+    _windows_per_chunk,
     apply_fused_attention,
     fused_window_attention,
     remove_fused_attention,
+    window_labels,
     window_order,
 )
 from ssl3d.ssl import SSLLoss
@@ -124,3 +129,50 @@ def test_checkpointing_and_removal_keep_the_fused_block():
     apply_activation_checkpointing(model, "full")
     remove_fused_attention(model)
     assert {type(b) for b in blocks} == {CheckpointedSwinBlock}
+
+
+def _backward_with_fresh_tensors(q, k, v, grad_out, bias, mask, scale, step):
+    """The chunked backward as it was before its two reused score buffers: four fresh score-sized tensors and
+    matmul's own copies of the strided gradient per chunk (the reference the buffered version must equal)."""
+    b, h, n, d = q.shape
+    nw = mask.shape[0]
+    groups = b // nw
+    shape5 = (groups, nw, h, n, d)
+    q5, k5, v5, g5 = (t.reshape(shape5) for t in (q, k, v, grad_out))
+    dq, dk, dv = (torch.empty(shape5, dtype=q.dtype) for _ in range(3))
+    dbias = torch.zeros(h, n, n, dtype=q.dtype)
+    for w0 in range(0, nw, step):
+        w1 = min(nw, w0 + step)
+        qc, kc, vc, gc = (t[:, w0:w1] for t in (q5, k5, v5, g5))
+        qs = qc * scale
+        s = torch.matmul(qs, kc.transpose(-1, -2)).add_(bias)
+        s.add_(_mask_chunk(mask, w0, w1).unsqueeze(1))
+        p = torch.softmax(s, dim=-1)
+        dv[:, w0:w1] = torch.matmul(p.transpose(-1, -2), gc)
+        dp = torch.matmul(gc, vc.transpose(-1, -2))
+        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, q.dtype)
+        dq[:, w0:w1] = torch.matmul(ds, kc).mul_(scale)
+        dk[:, w0:w1] = torch.matmul(ds.transpose(-1, -2), qs)
+        dbias += ds.sum(dim=(0, 1))
+    return dq.view(b, h, n, d), dk.view(b, h, n, d), dv.view(b, h, n, d), dbias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_buffered_backward_is_bit_identical(dtype):
+    """The fused attention's backward reuses two score buffers (matmul's out=, softmax and its backward in place):
+    the same bits as fresh tensors, for full chunks and a shorter last one (27 windows in chunks of 4)."""
+    torch.manual_seed(0)
+    groups, nw, h, n, d, scale = 2, 27, 3, 64, 8, 8**-0.5
+    labels = window_labels([12, 12, 12], (4, 4, 4), (2, 2, 2), torch.device("cpu"))  # [27, 64]
+    qkv = torch.randn(groups * nw, n, 3, h, d, dtype=dtype)  # the projection's layout: q, k, v are strided views
+    q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+    grad_out = torch.randn(groups * nw, n, h, d, dtype=dtype).transpose(1, 2)  # as the output's reshape gives it
+    bias = torch.randn(h, n, n, dtype=dtype)
+    per_window = groups * h * n * n * 4 * _SCORE_TENSORS
+    assert _windows_per_chunk(nw, h, n, groups, 4 * per_window) == 4
+    dqkv = torch.empty_like(qkv)
+    dq, dk, dv = (dqkv.select(2, i).transpose(1, 2) for i in range(3))
+    dbias = _backward(q, k, v, grad_out, bias, labels, scale, 4 * per_window, dq, dk, dv, True)
+    expected = _backward_with_fresh_tensors(q, k, v, grad_out, bias, labels, scale, 4)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, dbias), expected):
+        assert torch.equal(got, want), f"{name}: max difference {(got - want).abs().max().item():.3g}"
