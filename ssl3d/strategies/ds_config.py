@@ -427,7 +427,7 @@ def _check_deepspeed_section(section: dict[str, Any], where: str, problems: list
     deprecated = schema.deprecated_keys(where)
     reported = {key for key in section if any(p.startswith(f"{where}.{key}:") for p in problems)}
     for key in section:
-        if key.startswith("_") or key in valid or key in reported:
+        if key in valid or key in reported:
             continue
         reported.add(key)
         if key in deprecated:
@@ -438,11 +438,7 @@ def _check_deepspeed_section(section: dict[str, Any], where: str, problems: list
         if key in section and key not in reported and not isinstance(section[key], bool) and section[key] != "auto":
             problems.append(f"{where}.{key}: got {_js(section[key])}, expected true/false")
             reported.add(key)
-    values = {
-        k: v
-        for k, v in section.items()
-        if not k.startswith("_") and k not in reported and v != "auto" and k not in schema.NESTED
-    }
+    values = {k: v for k, v in section.items() if k not in reported and v != "auto" and k not in schema.NESTED}
     problems += schema.value_problems(where, values)
 
 
@@ -554,21 +550,18 @@ def _deepspeed_dict(
     torch_autocast: bool = False,
 ) -> dict[str, Any]:
     """What ``deepspeed.initialize(config=...)`` gets: every "auto" filled, ssl3d's own keys and comments removed."""
-    ds: dict[str, Any] = {
-        k: v for k, v in raw.items() if not k.startswith("_") and k not in SSL3D_KEYS and k not in ("bf16", "fp16")
-    }
+    ds: dict[str, Any] = {k: v for k, v in raw.items() if k not in SSL3D_KEYS and k not in ("bf16", "fp16")}
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = tbs
     ds["gradient_clipping"] = clip or 0.0
     ds["bf16"] = {
-        **{k: v for k, v in raw.get("bf16", {}).items() if not k.startswith("_")},
+        **raw.get("bf16", {}),
         "enabled": precision == "bf16" and not torch_autocast,
     }
     ds["fp16"] = {**fp16_opts, "enabled": precision == "fp16"}
     if "torch_autocast" in raw:
-        section = {k: v for k, v in raw["torch_autocast"].items() if not k.startswith("_")}
-        ds["torch_autocast"] = {**section, "enabled": torch_autocast, "dtype": "bfloat16"}
+        ds["torch_autocast"] = {**raw["torch_autocast"], "enabled": torch_autocast, "dtype": "bfloat16"}
     if zero is not None:
         ds["zero_optimization"] = zero
     # Not for DeepSpeed: its engine never applies this section to a model that does not call
