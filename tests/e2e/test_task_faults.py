@@ -235,16 +235,16 @@ def _fp16_trainer(task: str, datalist: Path, logdir: Path, **overrides) -> Train
 def test_an_fp16_overflow_streak_does_not_stop_the_run(task, datalist, tmp_path: Path) -> None:
     """While the scaler settles from 2^20, gradients overflow at several steps in a row: the scaler skips those
     updates and halves the scale; they are counted, but unlike NaN losses they do not count towards
-    train.max_bad_steps (2 here)."""
-    run = {"train.num_steps": 3, "train.eval_num": 3, "train.max_bad_steps": 2}
+    train.max_bad_steps (1 here). Two steps: fp16 convolutions on a CPU take seconds each."""
+    run = {"train.num_steps": 2, "train.eval_num": 2, "train.max_bad_steps": 1}
     trainer = _fp16_trainer(task, datalist, tmp_path / "run", **run)
     summary = trainer.fit()
-    assert summary["steps"] == 3
-    assert summary["skipped_steps"] >= 2  # would have stopped the run at max_bad_steps=2 if counted as bad
+    assert summary["steps"] == 2
+    assert summary["skipped_steps"] == 2  # would have stopped the run after the first if counted as bad
     acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
     acc.Reload()
     scales = [e.value for e in acc.Scalars("train/loss_scale")]
-    assert scales[-1] <= 2.0**18 and scales == sorted(scales, reverse=True)
+    assert scales[-1] <= 2.0**19 and scales == sorted(scales, reverse=True)
 
 
 def test_a_checkpoint_of_another_task_is_refused(straight, datalist, tmp_path, capsys):

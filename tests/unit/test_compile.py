@@ -77,15 +77,16 @@ def test_compiled_regions_match_eager_with_checkpointing():
 @pytest.mark.slow
 @pytest.mark.skipif(compile_problem("cpu") is not None, reason="inductor on the CPU needs a C++ compiler")
 def test_inductor_matches_eager_on_one_stage():
-    """Inductor on the shifted and the unshifted block of stage 1 and on the decoder, checkpointed (minutes of
-    compiling on two cores); the other stages stay eager."""
+    """Inductor's C++ code on the shifted block of stage 1 (roll, shift mask, fused attention), checkpointed; the
+    other blocks and the decoder stay eager. Their graphs, as inductor is given them, are checked by the test above;
+    each more region compiled by inductor adds about half a minute on two cores."""
     torch._dynamo.reset()
     eager = _model(depths=(2, 1, 1, 1))
     apply_activation_checkpointing(eager, SELECTIVE)
     compiled = copy.deepcopy(eager)
-    assert compile_regions(compiled.swinViT.layers1) == 2  # no decoder in a stage
-    [decoder] = decoder_regions(compiled)
-    decoder.compile(dynamic=False)
+    shifted = compiled.swinViT.layers1[0].blocks[1]
+    assert any(shifted.shift_size)
+    assert compile_regions(shifted) == 1  # no decoder in a block
     _assert_same(eager, compiled, torch.rand(2, 1, 32, 32, 64, dtype=torch.float64))
 
 
