@@ -33,6 +33,12 @@ validation crops laid out the same way for every setting (4 crops = 8 views a ba
 
     python bench/collapse.py --direct --samples data/samples --work /tmp/ssl3d_recipe --steps 300 --eval-every 50
 
+A setting may carry the loss keys ``temperature``, ``rotation_weight``, ``contrastive_weight`` and
+``reconstruction_weight`` (the recipe's from its ``ssl`` section; absent: 0.5 and 1/1/1); ``--extra NAME=JSON`` adds
+a candidate setting, e.g. ``--only recipe-t02 --extra 'recipe-t02={"crops": 4, "chunk": 4, "queue": 0,
+"temperature": 0.2}'``. The monitors' validation contrastive is always at temperature 0.5 (comparable across
+settings); a setting with another temperature also records ``contrastive_at_t``.
+
 Every direct run also writes its encoder, ``<work>/encoders/<setting>/seed<S>/model_swinvit.pt`` with its metadata,
 for the downstream check (``bench/downstream.py --init``).
 """
@@ -102,6 +108,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="--direct: seeds (default: --seed)")
     p.add_argument("--queues", type=int, nargs="+", help="--direct: also the recipe with these queue sizes")
     p.add_argument("--plot", type=Path, help="--direct: write the monitor plot (PNG) here from the results so far")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='--direct: also this candidate setting, e.g. \'recipe-t02={"crops":4,"chunk":4,"queue":0,'
+        '"temperature":0.2}\' (keys: crops, chunk, queue, volumes, temperature, rotation_weight, '
+        "contrastive_weight, reconstruction_weight); repeatable",
+    )
     a = p.parse_args()
     if a.direct:
         direct_main(a)
@@ -175,15 +190,22 @@ VAL_CROPS = 16  # per validation volume
 VAL_LAYOUT = 4  # crops per validation batch (8 views): collapsed at ln 7 whatever the setting trained on
 
 
-def direct_settings(recipe: Path, queues: list[int] | None = None) -> dict[str, dict]:
-    """name -> crops a step, gradient-caching chunk, queue size; the recipe's from its run config; ``queues``: the
-    recipe with other queue sizes besides."""
+# Loss keys a setting may carry (absent: SSLLoss's defaults, temperature 0.5 and weights 1/1/1), read from the
+# recipe's ``ssl`` section when it sets them.
+LOSS_KEYS = ("temperature", "rotation_weight", "contrastive_weight", "reconstruction_weight")
+SETTING_KEYS = {"crops", "chunk", "queue", "volumes", *LOSS_KEYS}
+
+
+def direct_settings(recipe: Path, queues: list[int] | None = None, extra: list[str] | None = None) -> dict[str, dict]:
+    """name -> crops a step, gradient-caching chunk, queue size (and the loss keys the recipe sets); the recipe's from
+    its run config; ``queues``: the recipe with other queue sizes besides; ``extra``: ``NAME=JSON`` candidates."""
     cfg = json.loads(recipe.read_text())
     crops = cfg["data"]["num_samples"] * cfg["train"].get("batch_size", 1)
     chunk, queue = cfg["ssl"]["grad_cache_chunk"], cfg["ssl"].get("negative_queue", 0)
+    loss = {k: cfg["ssl"][k] for k in LOSS_KEYS if k in cfg["ssl"]}
     settings = {
         "reference": {"crops": 2, "chunk": 0, "queue": 0},
-        "recipe": {"crops": crops, "chunk": chunk, "queue": queue},
+        "recipe": {"crops": crops, "chunk": chunk, "queue": queue, **loss},
     }
     if queue:
         settings["recipe-no-queue"] = {"crops": crops, "chunk": chunk, "queue": 0}
@@ -192,8 +214,27 @@ def direct_settings(recipe: Path, queues: list[int] | None = None) -> dict[str, 
     # The same 8 views on one device at the recipe's chunk: equal to gather-2-ranks in exact arithmetic
     settings["recipe-2-volumes"] = {"crops": 2, "chunk": chunk, "queue": 0, "volumes": 2}
     for k in queues or []:
-        settings[f"recipe-queue-{k}"] = {"crops": crops, "chunk": chunk, "queue": k}
+        settings[f"recipe-queue-{k}"] = {"crops": crops, "chunk": chunk, "queue": k, **loss}
+    for item in extra or []:
+        name, _, text = item.partition("=")
+        setting = json.loads(text)
+        if not name or not isinstance(setting, dict) or not {"crops", "chunk", "queue"} <= setting.keys():
+            raise SystemExit(f'--extra {item!r}: expected NAME={{"crops": .., "chunk": .., "queue": .., ...}}')
+        if setting.keys() - SETTING_KEYS:
+            raise SystemExit(f"--extra {item!r}: unknown keys {sorted(setting.keys() - SETTING_KEYS)}")
+        settings[name] = setting
     return settings
+
+
+def _loss(setting: dict):  # noqa: ANN202
+    """The setting's SSLLoss: its temperature and weights, SSLLoss's defaults for the keys it does not set."""
+    from ssl3d.ssl import LossWeights, SSLLoss
+
+    w = LossWeights(
+        setting.get("rotation_weight", 1.0), setting.get("contrastive_weight", 1.0),
+        setting.get("reconstruction_weight", 1.0),
+    )  # fmt: skip
+    return SSLLoss(w, temperature=setting.get("temperature", 0.5))
 
 
 def _data_config(datalists: list[Path], crops: int, seed: int, work: Path, volumes: int = 1):  # noqa: ANN202
@@ -275,7 +316,8 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
     optim_cfg = OptimConfig(lr=DIRECT_LR, warmup_steps=DIRECT_WARMUP, schedule="warmup_cosine")
     optimizer = torch.optim.AdamW(model.parameters(), lr=DIRECT_LR, weight_decay=optim_cfg.weight_decay)
     backend = LocalBackend(optimizer)
-    loss_fn = SSLLoss()
+    monitor_fn = SSLLoss()
+    loss_fn = _loss(setting) if any(k in setting for k in LOSS_KEYS) else monitor_fn
     gen = torch.Generator().manual_seed(seed * 1000 + 1)
     task = SSLTask(loss_fn, MaskingParams(), gen, grad_cache_chunk=setting["chunk"], negative_queue=setting["queue"])
     train, _ = build_loaders(_data_config(datalists, setting["crops"], seed, a.work, setting.get("volumes", 1)))
@@ -285,7 +327,12 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
     t0 = time.perf_counter()
     for step in range(a.steps + 1):
         if step % a.eval_every == 0:
-            record["monitors"].append({"step": step, **_monitors(model, val_views, loss_fn)})
+            # Monitors at the reference's temperature (monitor_fn) whatever the setting trains with, so the
+            # validation contrastive compares across settings; a setting with its own temperature also gets
+            # "contrastive_at_t", the validation loss at that temperature.
+            record["monitors"].append({"step": step, **_monitors(model, val_views, monitor_fn)})
+            if loss_fn.temperature != monitor_fn.temperature:
+                record["monitors"][-1]["contrastive_at_t"] = _monitors(model, val_views, loss_fn)["contrastive"]
             print(f"{name} seed {seed} step {step}: {record['monitors'][-1]}", file=sys.stderr, flush=True)
         if step == a.steps:
             break
@@ -321,7 +368,7 @@ def direct_main(a: argparse.Namespace) -> None:
     datalists = [write_demo_dataset(a.work / "demo_data")]
     if a.samples:
         datalists.insert(0, a.samples / "dataset_samples.json")
-    settings = direct_settings(a.recipe, a.queues)
+    settings = direct_settings(a.recipe, a.queues, a.extra)
     out = a.work / "recipe.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     for seed in a.seeds or [a.seed]:

@@ -181,6 +181,26 @@ def test_task_state_dict_refuses_a_mismatched_queue() -> None:
 def test_single_gpu_recipe_loads_and_keeps_the_reference_chunk() -> None:
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/single_gpu.json", check_files=False)
     views = 2 * cfg.data.num_samples * cfg.train.batch_size
-    # More views than the reference's 4 at the activation memory of its 4 (one chunk). The queue stays off: without a
-    # momentum encoder it did not help on the benchmark (BENCHMARKS.md).
-    assert views > 4 and cfg.ssl.grad_cache_chunk == 4 and cfg.ssl.negative_queue == 0
+    # 16 views, 4 times the reference's, at the activation memory of its 4 (one chunk), and a sharper temperature:
+    # the setting that kept all 3 seeds alive on the benchmark (BENCHMARKS.md). The queue stays off: without a
+    # momentum encoder it did not help there.
+    assert views == 16 and cfg.ssl.grad_cache_chunk == 4 and cfg.ssl.negative_queue == 0
+    assert cfg.ssl.temperature == 0.2
+
+
+def test_the_collapse_benchmark_trains_the_recipe_it_ships() -> None:
+    """bench/collapse.py --direct reads the recipe's views, chunk, queue and temperature from the run config, so the
+    BENCHMARKS.md evidence is for what configs/single_gpu.json runs; a candidate setting with an unknown key is
+    refused."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("collapse_bench", root / "bench/collapse.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = bench.direct_settings(root / "configs/single_gpu.json", extra=['t02={"crops":4,"chunk":4,"queue":0}'])
+    assert settings["recipe"] == {"crops": 8, "chunk": 4, "queue": 0, "temperature": 0.2}
+    assert settings["reference"] == {"crops": 2, "chunk": 0, "queue": 0}
+    assert bench._loss(settings["recipe"]).temperature == 0.2 and settings["t02"]["crops"] == 4
+    with pytest.raises(SystemExit, match="unknown keys"):
+        bench.direct_settings(root / "configs/single_gpu.json", extra=['x={"crops":4,"chunk":4,"queue":0,"tau":1}'])
