@@ -117,6 +117,7 @@ def main() -> None:
         '"temperature":0.2}\' (keys: crops, chunk, queue, volumes, temperature, rotation_weight, '
         "contrastive_weight, reconstruction_weight); repeatable",
     )
+    p.add_argument("--roi", type=int, nargs=3, help="--direct: crop size (default: 64 32 32; the last two equal)")
     a = p.parse_args()
     if a.direct:
         direct_main(a)
@@ -185,6 +186,7 @@ def format_table(results: dict) -> str:
 # head needs), the fp32 eager path; the CPU demo preset's AdamW at lr 1e-3, 50 warm-up steps, cosine to 0.
 DIRECT_MODEL = {"feature_size": 12, "depths": (1, 1, 1, 1), "window_size": 4, "fused_attention": False}
 DIRECT_ROI = (64, 32, 32)
+ROI = [DIRECT_ROI]  # --roi replaces it (one run's crop size for every data config of the run)
 DIRECT_LR, DIRECT_WARMUP = 1e-3, 50
 VAL_CROPS = 16  # per validation volume
 VAL_LAYOUT = 4  # crops per validation batch (8 views): collapsed at ln 7 whatever the setting trained on
@@ -243,7 +245,7 @@ def _data_config(datalists: list[Path], crops: int, seed: int, work: Path, volum
     return load_config(
         overrides={
             "data.datalists": [{"json": str(d)} for d in datalists],
-            "data.roi": list(DIRECT_ROI),
+            "data.roi": list(ROI[0]),
             "data.num_samples": crops,
             "data.dataset": "cache",
             "data.cache_rate": 1.0,
@@ -360,6 +362,9 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
 
 def direct_main(a: argparse.Namespace) -> None:
     import torch
+
+    if a.roi:
+        ROI[0] = tuple(a.roi)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     a.work.mkdir(parents=True, exist_ok=True)
