@@ -271,13 +271,16 @@ def _validation_views(datalists: list[Path], seed: int, work: Path) -> list:
     return [make_views(crops[i : i + VAL_LAYOUT], gen, MaskingParams()) for i in range(0, len(crops), VAL_LAYOUT)]
 
 
-def _monitors(model, val_views: list, loss_fn) -> dict[str, float]:  # noqa: ANN001
+def _monitors(model, val_views: list, loss_fn, train_temperature: float | None = None) -> dict[str, float]:  # noqa: ANN001
+    """The collapse monitors on the fixed validation views; with ``train_temperature`` also ``contrastive_at_t``,
+    the contrastive loss of the same embeddings at that temperature."""
     import torch
 
+    from ssl3d.ssl.losses import contrastive_loss
     from ssl3d.ssl.monitors import effective_rank, embedding_std
 
     model.eval()
-    emb, contrastive, correct, rows, masked = [], [], 0, 0, [0.0, 0.0]
+    emb, contrastive, at_t, correct, rows, masked = [], [], [], 0, 0, [0.0, 0.0]
     with torch.no_grad():
         for v in val_views:
             out = model(v.corrupted)
@@ -285,6 +288,8 @@ def _monitors(model, val_views: list, loss_fn) -> dict[str, float]:  # noqa: ANN
             contrastive.append(
                 float(loss_fn(out.rotation, v.rot_labels, out.contrastive, out.reconstruction, v.views)["contrastive"])
             )
+            if train_temperature is not None:
+                at_t.append(float(contrastive_loss(out.contrastive[:n], out.contrastive[n:], train_temperature)))
             emb.append(out.contrastive.float())
             correct += int((out.rotation.argmax(1) == v.rot_labels).sum())
             rows += 2 * n
@@ -299,6 +304,7 @@ def _monitors(model, val_views: list, loss_fn) -> dict[str, float]:  # noqa: ANN
         "std": float(embedding_std(e)),
         "rotation_acc": correct / rows,
         "recon_masked": masked[0] / max(masked[1], 1.0),
+        **({"contrastive_at_t": sum(at_t) / len(at_t)} if at_t else {}),
     }
 
 
@@ -332,9 +338,8 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
             # Monitors at the reference's temperature (monitor_fn) whatever the setting trains with, so the
             # validation contrastive compares across settings; a setting with its own temperature also gets
             # "contrastive_at_t", the validation loss at that temperature.
-            record["monitors"].append({"step": step, **_monitors(model, val_views, monitor_fn)})
-            if loss_fn.temperature != monitor_fn.temperature:
-                record["monitors"][-1]["contrastive_at_t"] = _monitors(model, val_views, loss_fn)["contrastive"]
+            own_t = loss_fn.temperature if loss_fn.temperature != monitor_fn.temperature else None
+            record["monitors"].append({"step": step, **_monitors(model, val_views, monitor_fn, own_t)})
             print(f"{name} seed {seed} step {step}: {record['monitors'][-1]}", file=sys.stderr, flush=True)
         if step == a.steps:
             break
