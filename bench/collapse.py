@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--direct", action="store_true", help="the single-device recipe's evidence (see the docstring)")
     p.add_argument("--samples", type=Path, help="--direct: folder written by `ssl3d data samples` (real CT)")
+    p.add_argument("--no-demo", action="store_true", help="--direct: the real CT of --samples only, no demo volumes")
     p.add_argument("--recipe", type=Path, default=Path(__file__).resolve().parent.parent / "configs/single_gpu.json")
     p.add_argument("--seeds", type=int, nargs="+", help="--direct: seeds (default: --seed)")
     p.add_argument("--queues", type=int, nargs="+", help="--direct: also the recipe with these queue sizes")
@@ -375,7 +376,9 @@ def direct_main(a: argparse.Namespace) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     from ssl3d.data.demo import write_demo_dataset
 
-    datalists = [write_demo_dataset(a.work / "demo_data")]
+    if a.no_demo and not a.samples:
+        raise SystemExit("--no-demo: needs --samples DIR (the real CT to train on)")
+    datalists = [] if a.no_demo else [write_demo_dataset(a.work / "demo_data")]
     if a.samples:
         datalists.insert(0, a.samples / "dataset_samples.json")
     settings = direct_settings(a.recipe, a.queues, a.extra)
