@@ -8,8 +8,8 @@ if everything were as fast as the machine's own kernels can make it:
 - the attention: per call, forward and backward each the faster of its products as batched matmuls (forward:
   scores and output; backward: the gradients of values, scores, queries and keys; no softmax, nothing
   recomputed; outputs preallocated) and torch's fused CPU flash-attention kernel (its backward without the bias
-  gradient the model's trainable bias table needs), timed at the step's real shapes (every block's windows x
-  views, heads, tokens, head dim);
+  gradient the model's trainable bias table needs; one bias broadcast over the windows, the cheaper of its two
+  mask forms), timed at the step's real shapes (every block's windows x views, heads, tokens, head dim);
 - every other FLOP of the step (linears, convolutions, patch merging, heads; torch's FLOP counter on the real step,
   minus the attention's) at the dense fp32 GEMM rate measured in the same process;
 - nothing else: no LayerNorm, GELU, copies, optimizer or data movement (all of which a real step pays).
@@ -144,6 +144,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args()
+    if a.views < 2 or a.views % 2:
+        p.error(f"--views: got {a.views}, expected an even number (two views of every crop), at least 2")
+    if a.roi < 64 or a.roi % 32:
+        p.error(f"--roi: got {a.roi}, expected a multiple of 32 of at least 64 (the heads read 2 last-stage tokens)")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = build_model(ModelConfig(feature_size=a.feature_size))
