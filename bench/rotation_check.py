@@ -38,7 +38,7 @@ def oriented_volume(shape: tuple[int, int, int], generator: torch.Generator) -> 
     """[1, H, W, D] in [0, 1]: noise, a ramp along W and a bright slab at the low end of D (the rotation plane is
     (W, D)), so each of the four rotations of a crop looks different."""
     h, w, d = shape
-    vol = torch.rand(1, h, w, d, generator=generator) * 0.2
+    vol = torch.rand(1, h, w, d, generator=generator, device=generator.device) * 0.2
     vol += torch.linspace(0, 0.5, w).view(1, 1, w, 1)
     vol[..., : d // 5] += 0.3
     return vol.clamp_(0, 1)
@@ -48,7 +48,10 @@ def random_crops(vol: torch.Tensor, count: int, roi: tuple[int, int, int], gener
     """``count`` random crops of ``roi`` from ``vol`` [1, H, W, D] -> [count, 1, *roi]."""
     out = []
     for _ in range(count):
-        starts = [int(torch.randint(0, s - r + 1, (1,), generator=generator)) for s, r in zip(vol.shape[1:], roi)]
+        starts = [
+            int(torch.randint(0, s - r + 1, (1,), generator=generator, device=generator.device))
+            for s, r in zip(vol.shape[1:], roi)
+        ]
         out.append(vol[(slice(None), *(slice(s, s + r) for s, r in zip(starts, roi)))])
     return torch.stack(out)
 
