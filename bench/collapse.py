@@ -118,7 +118,7 @@ def main() -> None:
         '"temperature":0.2}\' (keys: crops, chunk, queue, volumes, temperature, rotation_weight, '
         "contrastive_weight, reconstruction_weight); repeatable",
     )
-    p.add_argument("--roi", type=int, nargs=3, help="--direct: crop size (default: 64 32 32; the last two equal)")
+    p.add_argument("--roi", type=int, nargs=3, default=DIRECT_ROI, help="--direct: crop size (the last two equal)")
     a = p.parse_args()
     if a.direct:
         direct_main(a)
@@ -187,7 +187,6 @@ def format_table(results: dict) -> str:
 # head needs), the fp32 eager path; the CPU demo preset's AdamW at lr 1e-3, 50 warm-up steps, cosine to 0.
 DIRECT_MODEL = {"feature_size": 12, "depths": (1, 1, 1, 1), "window_size": 4, "fused_attention": False}
 DIRECT_ROI = (64, 32, 32)
-ROI = [DIRECT_ROI]  # --roi replaces it (one run's crop size for every data config of the run)
 DIRECT_LR, DIRECT_WARMUP = 1e-3, 50
 VAL_CROPS = 16  # per validation volume
 VAL_LAYOUT = 4  # crops per validation batch (8 views): collapsed at ln 7 whatever the setting trained on
@@ -233,20 +232,18 @@ def _loss(setting: dict):  # noqa: ANN202
     """The setting's SSLLoss: its temperature and weights, SSLLoss's defaults for the keys it does not set."""
     from ssl3d.ssl import LossWeights, SSLLoss
 
-    w = LossWeights(
-        setting.get("rotation_weight", 1.0), setting.get("contrastive_weight", 1.0),
-        setting.get("reconstruction_weight", 1.0),
-    )  # fmt: skip
-    return SSLLoss(w, temperature=setting.get("temperature", 0.5))
+    given = {k: v for k, v in setting.items() if k in LOSS_KEYS}
+    weights = LossWeights(**{k.removesuffix("_weight"): v for k, v in given.items() if k.endswith("_weight")})
+    return SSLLoss(weights, **({"temperature": setting["temperature"]} if "temperature" in setting else {}))
 
 
-def _data_config(datalists: list[Path], crops: int, seed: int, work: Path, volumes: int = 1):  # noqa: ANN202
+def _data_config(datalists: list[Path], roi, crops: int, seed: int, work: Path, volumes: int = 1):  # noqa: ANN001, ANN202
     from ssl3d.config import load_config
 
     return load_config(
         overrides={
             "data.datalists": [{"json": str(d)} for d in datalists],
-            "data.roi": list(ROI[0]),
+            "data.roi": list(roi),
             "data.num_samples": crops,
             "data.dataset": "cache",
             "data.cache_rate": 1.0,
@@ -259,14 +256,14 @@ def _data_config(datalists: list[Path], crops: int, seed: int, work: Path, volum
     )
 
 
-def _validation_views(datalists: list[Path], seed: int, work: Path) -> list:
+def _validation_views(datalists: list[Path], roi, seed: int, work: Path) -> list:  # noqa: ANN001
     """Fixed validation batches: VAL_CROPS crops of every validation volume, VAL_LAYOUT crops a batch, fixed views."""
     import torch
 
     from ssl3d.data import build_loaders
     from ssl3d.ssl import MaskingParams, make_views
 
-    _, val = build_loaders(_data_config(datalists, VAL_CROPS, seed, work))
+    _, val = build_loaders(_data_config(datalists, roi, VAL_CROPS, seed, work))
     crops = torch.cat([b["image"] for b in val])  # [volumes x VAL_CROPS, 1, H, W, D]
     gen = torch.Generator().manual_seed(7919)
     return [make_views(crops[i : i + VAL_LAYOUT], gen, MaskingParams()) for i in range(0, len(crops), VAL_LAYOUT)]
@@ -326,11 +323,11 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
     optimizer = torch.optim.AdamW(model.parameters(), lr=DIRECT_LR, weight_decay=optim_cfg.weight_decay)
     backend = LocalBackend(optimizer)
     monitor_fn = SSLLoss()
-    loss_fn = _loss(setting) if any(k in setting for k in LOSS_KEYS) else monitor_fn
+    loss_fn = _loss(setting)
     gen = torch.Generator().manual_seed(seed * 1000 + 1)
     task = SSLTask(loss_fn, MaskingParams(), gen, grad_cache_chunk=setting["chunk"], negative_queue=setting["queue"])
-    train, _ = build_loaders(_data_config(datalists, setting["crops"], seed, a.work, setting.get("volumes", 1)))
-    val_views = _validation_views(datalists, seed, a.work)
+    train, _ = build_loaders(_data_config(datalists, a.roi, setting["crops"], seed, a.work, setting.get("volumes", 1)))
+    val_views = _validation_views(datalists, a.roi, seed, a.work)
     record: dict = {"setting": setting, "seed": seed, "monitors": [], "train": []}
     batches = iter(())
     t0 = time.perf_counter()
@@ -359,7 +356,7 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
     # The encoder for the downstream check (bench/downstream.py --init): model_swinvit.pt with its metadata.
     from ssl3d.checkpoint import export_swinvit
 
-    cfg = _data_config(datalists, setting["crops"], seed, a.work, setting.get("volumes", 1))
+    cfg = _data_config(datalists, a.roi, setting["crops"], seed, a.work, setting.get("volumes", 1))
     cfg.model = ModelConfig(**DIRECT_MODEL)
     record["encoder"] = str(export_swinvit(model.state_dict(), a.work / "encoders" / name / f"seed{seed}" /
                                            "model_swinvit.pt", cfg, a.steps))  # fmt: skip
@@ -368,9 +365,6 @@ def direct_run(name: str, setting: dict, datalists: list[Path], seed: int, a: ar
 
 def direct_main(a: argparse.Namespace) -> None:
     import torch
-
-    if a.roi:
-        ROI[0] = tuple(a.roi)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     a.work.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from monai.networks.nets.swin_unetr import get_window_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +81,7 @@ def real_token_shares(roi: int, depths: tuple[int, ...], window: int = 7, patch:
     shares = []
     for stage, depth in enumerate(depths):
         side = roi // patch // 2**stage
-        w = min(window, side)  # MONAI's get_window_size: a stage no larger than the window is one window
+        w = get_window_size((side,) * 3, (window,) * 3)[0]  # a stage no larger than the window is one window
         padded = -(-side // w) * w
         shares += [(side / padded) ** 3] * depth
     return shares

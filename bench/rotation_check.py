@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collapse import DIRECT_LR, DIRECT_MODEL, DIRECT_ROI, DIRECT_WARMUP, _loss  # noqa: E402
+from collapse import DIRECT_LR, DIRECT_MODEL, DIRECT_ROI, DIRECT_WARMUP, _loss, _monitors  # noqa: E402
 
 from ssl3d.config import ModelConfig, OptimConfig  # noqa: E402
 from ssl3d.model import build_model  # noqa: E402
@@ -78,10 +78,7 @@ def main() -> None:
     train_losses: list[float] = []
     for step in range(a.steps + 1):
         if step % a.eval_every == 0:
-            model.eval()
-            with torch.no_grad():
-                acc = (model(val.corrupted).rotation.argmax(1) == val.rot_labels).float().mean().item()
-            model.train()
+            acc = _monitors(model, [val], task.loss_fn)["rotation_acc"]  # the benchmark's own monitor
             window = train_losses[-a.eval_every :]
             mean_loss = sum(window) / len(window) if window else float("nan")
             record["monitors"].append({"step": step, "rotation_acc": acc, "train_rotation_loss": mean_loss})
